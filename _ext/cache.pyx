@@ -1,0 +1,2 @@
+# placeholder: replaced by the real TTL cache
+class TTLCache: pass

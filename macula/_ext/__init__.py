@@ -1,0 +1,1 @@
+"""Compiled cores of macula (built from ``_ext/*.pyx``). Import them from ``macula``."""
