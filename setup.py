@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -33,6 +34,23 @@ for path in sorted(glob.glob(os.path.join("_ext", "*.pyx"))):
         )
     )
 
+
+def _declarations_dir() -> str:
+    """A directory where Cython finds each core's declarations under its full module name.
+
+    Cython looks for the ``.pxd`` of module ``macula._ext.<name>`` as
+    ``macula/_ext/<name>.pxd`` on its include path; we keep declarations beside their code in
+    ``_ext/``, so they are mirrored (copied with their timestamps, so Cython's dependency
+    check still sees edits) into ``build/pxd/macula/_ext/`` before every build.
+    """
+    root = os.path.join(HERE, "build", "pxd")
+    dst = os.path.join(root, "macula", "_ext")
+    os.makedirs(dst, exist_ok=True)
+    for pxd in glob.glob(os.path.join(HERE, "_ext", "*.pxd")):
+        shutil.copy2(pxd, os.path.join(dst, os.path.basename(pxd)))
+    return root
+
+
 directives = {
     "language_level": "3",
     "boundscheck": debug,
@@ -46,7 +64,7 @@ setup(
     ext_modules=cythonize(
         extensions,
         compiler_directives=directives,
-        include_path=[os.path.join(HERE, "_ext")],
+        include_path=[_declarations_dir(), os.path.join(HERE, "_ext")],
         annotate=os.environ.get("MACULA_ANNOTATE") == "1",
         quiet=True,
     ),
