@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.benchlib import Row, format_table  # noqa: E402
+from tools.benchlib import Row, format_table
 
 AREAS = ("trie", "cache", "routing", "codec")
 
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(area_rows)
         print(format_table(area_rows), flush=True)
         print(flush=True)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
     print(format_table(rows))
     missed = [r for r in rows if r.met is False]
     if missed:

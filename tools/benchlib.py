@@ -67,7 +67,8 @@ def format_table(rows: list[Row]) -> str:
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
-        out.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
+        cells = (str(c).ljust(w) for c, w in zip(line, widths, strict=True))
+        out.append("| " + " | ".join(cells) + " |")
         if n == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
