@@ -85,6 +85,7 @@ cdef class TopicTrie:
     cdef uint64_t* _stamps  # key id -> generation of the last match() that emitted it
     cdef Py_ssize_t _scap   # capacity of _stamps (>= len(_keys))
     cdef uint64_t _generation  # bumped by every match()
+    cdef bint _busy         # inside add/remove/remove_key/filters_of (re-entry guard)
     # counters
     cdef Py_ssize_t _nsubs  # (filter, key) pairs
     cdef Py_ssize_t _nfilters  # nodes with >= 1 subscription
@@ -110,4 +111,5 @@ cdef class TopicTrie:
     cdef int _subscribe(self, int32_t nid, object filt, Py_ssize_t kid) except -1
     cdef int _unsubscribe(self, int32_t nid, Py_ssize_t kid) except -1
     cdef int _check_intact(self) except -1
+    cdef int _enter(self) except -1
     cdef list _search(self, object topic, bint want_filters)

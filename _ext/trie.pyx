@@ -69,6 +69,11 @@ Garbage collection: the only references to keys are in the Python containers ``_
 memory only holds ids, and ``TrieNode.filter`` (a ``str``, which cannot be part of a cycle).
 If a cycle teardown clears those containers, the trie raises RuntimeError from then on
 instead of reading freed memory.
+
+Re-entry: add, remove, remove_key and filters_of hash and compare keys, which runs the keys'
+``__hash__`` / ``__eq__`` (any Python code) while they hold key and node ids.  A call back
+into add, remove, remove_key, filters_of or clear from there raises RuntimeError instead of
+corrupting the trie; the read-only methods stay usable.
 """
 
 cimport cython
@@ -872,6 +877,17 @@ cdef class TopicTrie:
             raise RuntimeError("this TopicTrie was cleared by the garbage collector")
         return 0
 
+    cdef int _enter(self) except -1:
+        """Start a call that runs keys' __hash__ / __eq__; the caller resets _busy."""
+        self._check_intact()
+        if self._busy:
+            raise RuntimeError(
+                "TopicTrie changed while one of its calls is running (from a key's __hash__"
+                " or __eq__?)"
+            )
+        self._busy = True
+        return 0
+
     # ---- public API -----------------------------------------------------------------------
 
     def add(self, filter, key):
@@ -887,7 +903,7 @@ cdef class TopicTrie:
         cdef Py_ssize_t n, nl, kid
         cdef const char* p = _as_utf8(filter, &n, "topic filter")
         cdef int32_t nid = -1
-        self._check_intact()
+        self._enter()
         try:
             levels = _levels(p, n, True, buf, &heap, &nl, "topic filter")
             if _is_shared(p, n):
@@ -908,6 +924,7 @@ cdef class TopicTrie:
                 raise
         finally:
             PyMem_Free(heap)
+            self._busy = False
         return True
 
     def remove(self, filter, key):
@@ -917,32 +934,40 @@ cdef class TopicTrie:
         """
         cdef int32_t nid
         cdef Py_ssize_t kid
-        self._check_intact()
-        nid = self._find_filter(filter)
-        kid = self._key_id(key, False)
-        if nid < 0 or kid < 0 or nid not in <dict>self._key_where[kid]:
-            return False
-        self._unsubscribe(nid, kid)
-        self._prune(nid)
-        if not self._key_where[kid]:
-            self._drop_key(kid)
-        self._reset_if_empty()
+        self._enter()
+        try:
+            nid = self._find_filter(filter)
+            kid = self._key_id(key, False)
+            if nid < 0 or kid < 0 or nid not in <dict>self._key_where[kid]:
+                return False
+            stored = self._keys[kid]    # released after _busy is reset: its __del__ may call us
+            self._unsubscribe(nid, kid)
+            self._prune(nid)
+            if not self._key_where[kid]:
+                self._drop_key(kid)
+            self._reset_if_empty()
+        finally:
+            self._busy = False
         return True
 
     def remove_key(self, key):
         """Remove every subscription of ``key``; returns how many there were."""
         cdef Py_ssize_t kid, count = 0
         cdef int32_t nid
-        self._check_intact()
-        kid = self._key_id(key, False)
-        if kid < 0:
-            return 0
-        for nid in list(<dict>self._key_where[kid]):
-            self._unsubscribe(nid, kid)
-            self._prune(nid)
-            count += 1
-        self._drop_key(kid)
-        self._reset_if_empty()
+        self._enter()
+        try:
+            kid = self._key_id(key, False)
+            if kid < 0:
+                return 0
+            stored = self._keys[kid]    # released after _busy is reset: its __del__ may call us
+            for nid in list(<dict>self._key_where[kid]):
+                self._unsubscribe(nid, kid)
+                self._prune(nid)
+                count += 1
+            self._drop_key(kid)
+            self._reset_if_empty()
+        finally:
+            self._busy = False
         return count
 
     def match(self, topic):
@@ -974,16 +999,24 @@ cdef class TopicTrie:
         """Filters ``key`` is subscribed to; [] for an unknown key."""
         cdef Py_ssize_t kid
         cdef int32_t nid
-        self._check_intact()
-        kid = self._key_id(key, False)
-        out = []
-        if kid >= 0:
-            for nid in <dict>self._key_where[kid]:
-                out.append(<object>self._nodes[nid].filter)
+        self._enter()
+        try:
+            kid = self._key_id(key, False)
+            out = []
+            if kid >= 0:
+                for nid in <dict>self._key_where[kid]:
+                    out.append(<object>self._nodes[nid].filter)
+        finally:
+            self._busy = False
         return out
 
     def clear(self):
         """Remove every subscription and give back the memory."""
+        if self._busy:
+            raise RuntimeError(
+                "TopicTrie cleared while one of its calls is running (from a key's __hash__"
+                " or __eq__?)"
+            )
         self._free_storage()
         self._init_storage()
 
