@@ -1,0 +1,1 @@
+"""The peer wire: QUIC links between macula nodes (see ``docs/WIRE.md``)."""
