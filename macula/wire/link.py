@@ -254,7 +254,9 @@ class _Conn(QuicConnectionProtocol):
 
     def _write_handshake(self, msg: Any) -> None:
         assert self.stream_id is not None
-        self._quic.send_stream_data(self.stream_id, _frame(msg))
+        data = _frame(msg)
+        self._quic.send_stream_data(self.stream_id, data)
+        self.written += len(data)  # stream offsets count the handshake too
         self.transmit()
 
     def trim(self) -> None:
