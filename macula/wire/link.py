@@ -113,6 +113,14 @@ class WireHandler:
     def on_message(self, link: PeerLink, kind: int, payload: bytes) -> None:
         pass
 
+    def on_messages(self, link: PeerLink, msgs: list[m.Msg]) -> None:
+        """The one-way messages of one received chunk, in order (``msg.kind``,
+        ``msg.payload``). Override to handle a batch at once; the default calls
+        ``on_message`` for each."""
+        on_message = self.on_message
+        for msg in msgs:
+            on_message(link, msg.kind, msg.payload)
+
     def on_request(self, link: PeerLink, kind: int, payload: bytes) -> bytes | Awaitable[bytes]:
         raise RequestRejected(m.STATUS_UNKNOWN_KIND, f"no handler for request kind {kind}")
 
@@ -244,12 +252,14 @@ class _Conn(QuicConnectionProtocol):
     def write(self, data: bytes, rids: list[int] | None = None) -> None:
         assert self.stream_id is not None
         self._quic.send_stream_data(self.stream_id, data)
+        now = self._loop.time()
         if not self.batches:
-            self.first_unacked_at = self._loop.time()
-        self.written += len(data)
+            self.first_unacked_at = now
+        n = len(data)
+        self.written += n
         self.batches.append((self.written, data, rids))
-        self.last_tx = self._loop.time()
-        self.endpoint.stats.bytes_out += len(data)
+        self.last_tx = now
+        self.endpoint.stats.bytes_out += n
         self.transmit()
 
     def _write_handshake(self, msg: Any) -> None:
@@ -267,6 +277,9 @@ class _Conn(QuicConnectionProtocol):
         batches = self.batches
         while batches and batches[0][0] <= acked:
             batches.popleft()
+        link = self.link
+        if link is not None and link._conn is self:
+            link._inflight = self.written - acked if batches else 0
         if batches:
             self.first_unacked_at = max(self.first_unacked_at, self.last_rx)
         else:
@@ -471,12 +484,15 @@ class _Conn(QuicConnectionProtocol):
         stats = self.endpoint.stats
         stats.frames_in += len(frames)
         decode = m.TRAFFIC_DECODER.decode
-        on_message = self.endpoint.handler.on_message
+        on_messages = self.endpoint.handler.on_messages
         Msg, Req, Resp, Ping = m.Msg, m.Req, m.Resp, m.Ping
+        run: list[m.Msg] = []
         for frame in frames:
             try:
                 msg = decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError):
+                if run:
+                    on_messages(link, run)
                 code = m.classify_bad(frame)
                 stats.bad_input[m.CLOSE_NAMES[code]] += 1
                 self.fail(code, "undecodable frame" if code != m.CLOSE_UNKNOWN_TYPE
@@ -484,8 +500,14 @@ class _Conn(QuicConnectionProtocol):
                 return
             t: Any = type(msg)
             if t is Msg:
-                on_message(link, msg.kind, msg.payload)
-            elif t is Req:
+                run.append(msg)
+                continue
+            if run:  # keep the order of one-way messages and everything else
+                on_messages(link, run)
+                run = []
+                if self.state == CLOSED:
+                    return
+            if t is Req:
                 link._on_request(msg)
             elif t is Resp:
                 link._on_response(msg)
@@ -497,6 +519,8 @@ class _Conn(QuicConnectionProtocol):
                 self.endpoint.stats.goaways_in += 1
             if self.state == CLOSED:
                 return
+        if run:
+            on_messages(link, run)
 
 
 class PeerLink:
@@ -517,11 +541,14 @@ class PeerLink:
         self._enc = BatchEncoder(max_frame=self.cfg.max_frame)
         self._conn: _Conn | None = None
         self._resend: list[tuple[bytes, list[int] | None]] = []
+        self._resend_bytes = 0
+        self._inflight = 0  # bytes written on the connection and not yet acknowledged
+        self._limit = self.cfg.send_buffer
         self._unflushed_rids: list[int] = []
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._pending: dict[int, tuple[asyncio.Future[bytes], asyncio.TimerHandle]] = {}
         self._next_rid = 1
-        self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._room_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._connect_waiters: list[asyncio.Future[None]] = []
         self._dial_task: asyncio.Task[None] | None = None
         self._inbound = 0
@@ -547,14 +574,9 @@ class PeerLink:
         return self.addr
 
     def buffered(self) -> int:
-        """Bytes queued or sent but not acknowledged (the send buffer's fill)."""
-        n = self._enc.nbytes
-        conn = self._conn
-        if conn is not None:
-            n += conn.written - _stream_acked(conn._quic, conn.stream_id or 0)
-        for data, _ in self._resend:
-            n += len(data)
-        return n
+        """Bytes queued or sent but not acknowledged (the send buffer's fill; the
+        acknowledged part is accounted as ACKs arrive)."""
+        return self._enc.nbytes + self._inflight + self._resend_bytes
 
     @property
     def pending_requests(self) -> int:
@@ -579,7 +601,7 @@ class PeerLink:
         """Queue a one-way message; False (and a counted drop) if the send buffer is full."""
         if self.closed:
             raise LinkClosed(f"link closed: {self.close_reason}")
-        if self._enc.nbytes >= self.cfg.send_buffer or self.buffered() >= self.cfg.send_buffer:
+        if self._enc.nbytes + self._inflight + self._resend_bytes >= self._limit:
             self.endpoint.stats.drops["backpressure"] += 1
             return False
         self._enc.append((m.T_MSG, kind, payload))
@@ -592,15 +614,15 @@ class PeerLink:
 
     async def send(self, kind: int, payload: bytes) -> None:
         """Queue a one-way message, waiting while the send buffer is full."""
-        while not self.send_nowait_reliable(kind, payload):
+        while not self._try_send(kind, payload):
             fut: asyncio.Future[None] = self._loop.create_future()
-            self._room_waiters.append(fut)
+            self._room_waiters.append((self.cfg.send_buffer, fut))
             await fut
 
-    def send_nowait_reliable(self, kind: int, payload: bytes) -> bool:
+    def _try_send(self, kind: int, payload: bytes) -> bool:
         if self.closed:
             raise LinkClosed(f"link closed: {self.close_reason}")
-        if self.buffered() >= self.cfg.send_buffer:
+        if self._enc.nbytes + self._inflight + self._resend_bytes >= self._limit:
             return False
         self._enc.append((m.T_MSG, kind, payload))
         self.endpoint.stats.frames_out += 1
@@ -623,7 +645,7 @@ class PeerLink:
             raise LinkError(f"{len(self._pending)} requests already in flight on this link")
         while self.buffered() >= self.cfg.send_buffer:
             waiter: asyncio.Future[None] = self._loop.create_future()
-            self._room_waiters.append(waiter)
+            self._room_waiters.append((self.cfg.send_buffer, waiter))
             await waiter
         rid = self._next_rid
         self._next_rid = rid + 1
@@ -673,22 +695,45 @@ class PeerLink:
             return
         if self._resend:
             resend, self._resend = self._resend, []
+            self._resend_bytes = 0
             for data, rids in resend:
                 conn.write(data, rids)
+                self._inflight += len(data)
             self.endpoint.stats.frames_resent_batches += len(resend)
         if self._enc.nbytes:
             rids = self._unflushed_rids or None
             if rids is not None:
                 self._unflushed_rids = []
-            conn.write(self._enc.flush(), rids)
+            data = self._enc.flush()
+            self._inflight += len(data)
+            conn.write(data, rids)
 
     def _wake_room(self) -> None:
-        limit = self.cfg.send_buffer
         waiters = self._room_waiters
-        while waiters and self.buffered() < limit:
-            fut = waiters.popleft()
-            if not fut.done():
+        buffered = self.buffered()
+        for _ in range(len(waiters)):
+            below, fut = waiters.popleft()
+            if fut.done():
+                continue
+            if buffered < below:
                 fut.set_result(None)
+            else:
+                waiters.append((below, fut))
+
+    def flush(self) -> None:
+        """Write what is queued now, instead of at the end of this loop iteration."""
+        if self._enc.nbytes or self._resend:
+            self._flush_now()
+
+    async def drain(self, below: int | None = None) -> None:
+        """Wait until the send buffer holds fewer than ``below`` bytes (default: half of
+        ``send_buffer``), like ``asyncio.StreamWriter.drain``."""
+        limit = self.cfg.send_buffer // 2 if below is None else below
+        if self.buffered() < limit:
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._room_waiters.append((limit, fut))
+        await fut
 
     # -- requests and responses -----------------------------------------------------------
 
@@ -770,8 +815,10 @@ class PeerLink:
             # A newer connection took over (both ends dialled at once, or the peer came back
             # before we noticed): keep what the old one had not delivered, then retire it.
             self._resend.extend(old.unacked_batches())
+            self._resend_bytes = sum(len(data) for data, _ in self._resend)
             old.link = None
             old.fail(m.CLOSE_REPLACED, "a newer connection to this peer took over")
+        self._inflight = 0
         if self.connected_once:
             self.endpoint.stats.redials += 1
         self.connected_once = True
@@ -792,6 +839,8 @@ class PeerLink:
             self._flush_handle = None
         unacked = conn.unacked_batches()
         self._resend = unacked + self._resend
+        self._resend_bytes = sum(len(data) for data, _ in self._resend)
+        self._inflight = 0
         keep = set(self._unflushed_rids)
         for _, rids in self._resend:
             if rids:
@@ -854,6 +903,8 @@ class PeerLink:
             stats.drops["unreachable"] += dropped
         self._enc.clear()
         self._resend.clear()
+        self._resend_bytes = 0
+        self._inflight = 0
         self._unflushed_rids.clear()
         for waiting in self._connect_waiters:
             if not waiting.done():
@@ -864,7 +915,7 @@ class PeerLink:
             if not fut.done():
                 fut.set_exception(exc)
         self._pending.clear()
-        for waiter in self._room_waiters:
+        for _, waiter in self._room_waiters:
             if not waiter.done():
                 waiter.set_exception(exc)
         self._room_waiters.clear()

@@ -44,7 +44,7 @@ T_PONG: Final = 14
 T_GOAWAY: Final = 15
 
 
-class Hello(msgspec.Struct, array_like=True, tag=T_HELLO, frozen=True):
+class Hello(msgspec.Struct, array_like=True, tag=T_HELLO, frozen=True, gc=False):
     version: int
     node_id: bytes
     public_key: bytes
@@ -54,47 +54,47 @@ class Hello(msgspec.Struct, array_like=True, tag=T_HELLO, frozen=True):
     listen: tuple[str, int] | None = None
 
 
-class Challenge(msgspec.Struct, array_like=True, tag=T_CHALLENGE, frozen=True):
+class Challenge(msgspec.Struct, array_like=True, tag=T_CHALLENGE, frozen=True, gc=False):
     server_id: bytes
     server_nonce: bytes
 
 
-class Auth(msgspec.Struct, array_like=True, tag=T_AUTH, frozen=True):
+class Auth(msgspec.Struct, array_like=True, tag=T_AUTH, frozen=True, gc=False):
     signature: bytes
     realm_proof: bytes | None = None
 
 
-class Welcome(msgspec.Struct, array_like=True, tag=T_WELCOME, frozen=True):
+class Welcome(msgspec.Struct, array_like=True, tag=T_WELCOME, frozen=True, gc=False):
     max_frame: int
     listen: tuple[str, int] | None = None
 
 
-class Msg(msgspec.Struct, array_like=True, tag=T_MSG, frozen=True):
+class Msg(msgspec.Struct, array_like=True, tag=T_MSG, frozen=True, gc=False):
     kind: int
     payload: bytes
 
 
-class Req(msgspec.Struct, array_like=True, tag=T_REQ, frozen=True):
+class Req(msgspec.Struct, array_like=True, tag=T_REQ, frozen=True, gc=False):
     rid: int
     kind: int
     payload: bytes
 
 
-class Resp(msgspec.Struct, array_like=True, tag=T_RESP, frozen=True):
+class Resp(msgspec.Struct, array_like=True, tag=T_RESP, frozen=True, gc=False):
     rid: int
     status: int
     payload: bytes
 
 
-class Ping(msgspec.Struct, array_like=True, tag=T_PING, frozen=True):
+class Ping(msgspec.Struct, array_like=True, tag=T_PING, frozen=True, gc=False):
     token: int
 
 
-class Pong(msgspec.Struct, array_like=True, tag=T_PONG, frozen=True):
+class Pong(msgspec.Struct, array_like=True, tag=T_PONG, frozen=True, gc=False):
     token: int
 
 
-class GoAway(msgspec.Struct, array_like=True, tag=T_GOAWAY, frozen=True):
+class GoAway(msgspec.Struct, array_like=True, tag=T_GOAWAY, frozen=True, gc=False):
     code: int
     reason: str
 
