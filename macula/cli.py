@@ -1,7 +1,8 @@
 """The ``macula`` command.
 
-Today it reports on the installation (``macula version``, ``macula cores``); the node, the
-demo mesh and the pub/sub/call helpers join it as they are built (see docs/ARCHITECTURE.md).
+It reports on the installation (``macula version``, ``macula cores``) and runs a node
+(``macula node``, docs/NODE.md); the demo mesh and the pub/sub/call helpers join it as they
+are built (see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -47,6 +48,25 @@ def _cmd_cores(_: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_node(args: argparse.Namespace) -> int:
+    """Run a node until SIGINT/SIGTERM (config file, then MACULA_* variables, then flags)."""
+    import asyncio
+
+    from macula.config import NodeConfig
+    from macula.node import run
+
+    try:
+        config = NodeConfig.load(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"macula node: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.endpoint:
+        config.endpoints = list(args.endpoint)
+    if args.metrics_port is not None:
+        config.metrics_port = args.metrics_port
+    return asyncio.run(run(config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="macula", description="macula: a self-organizing mesh of services"
@@ -56,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("cores", help="list the compiled cores and self-check them").set_defaults(
         func=_cmd_cores
     )
+    node = sub.add_parser("node", help="run a node (control plane and metrics)")
+    node.add_argument("--config", help="TOML configuration file (default: $MACULA_CONFIG)")
+    node.add_argument(
+        "--endpoint", action="append", help="control endpoint (repeatable; tcp:// or ipc://)"
+    )
+    node.add_argument(
+        "--metrics-port", type=int, help="metrics HTTP port (0: any free port, -1: off)"
+    )
+    node.set_defaults(func=_cmd_node)
     return parser
 
 

@@ -1,0 +1,138 @@
+"""Prometheus metrics of a node, and the HTTP endpoint serving them with health checks.
+
+The broker keeps plain integer counters (no locks or label look-ups on the hot path); a
+custom collector reads ``Broker.stats()`` at scrape time, so the figures served on
+``/metrics`` are exactly those a client gets with STATS. Each node has its own
+``CollectorRegistry``: two nodes in one process do not mix their figures.
+
+The HTTP server is a few lines of asyncio on the node's own loop (no thread): ``GET
+/metrics`` (Prometheus text format), ``GET /healthz`` (200 while the loop runs) and ``GET
+/readyz`` (200 once the control socket is bound and until shutdown begins, else 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# stats key -> (metric name without _total, kind, help, label name for dict values)
+_SPEC: tuple[tuple[str, str, str, str, str], ...] = (
+    ("sessions", "macula_sessions", "gauge", "Client sessions open", ""),
+    ("sessions_opened_total", "macula_sessions_opened", "counter", "Sessions welcomed", ""),
+    ("sessions_closed_total", "macula_sessions_closed", "counter", "Sessions closed", "reason"),
+    ("realms", "macula_realms", "gauge", "Realms with state on this node", ""),
+    ("subscriptions", "macula_subscriptions", "gauge", "Subscriptions held", ""),
+    ("registrations", "macula_registrations", "gauge", "RPC registrations held", ""),
+    ("retained", "macula_retained_messages", "gauge", "Retained messages stored", ""),
+    ("messages_in_total", "macula_messages_in", "counter", "PUBLISHes routed", ""),
+    ("messages_out_total", "macula_messages_out", "counter", "EVENT deliveries queued", ""),
+    ("commands_in_total", "macula_commands_in", "counter", "Commands received", ""),
+    ("bytes_in_total", "macula_received_bytes", "counter", "Body bytes received", ""),
+    ("acks_total", "macula_acks", "counter", "QoS 1 deliveries acknowledged", ""),
+    ("redeliveries_total", "macula_redeliveries", "counter", "QoS 1 redeliveries", ""),
+    ("duplicates_total", "macula_duplicate_publishes", "counter", "QoS 1 PUBLISH repeats", ""),
+    ("calls_total", "macula_calls", "counter", "CALLs received", ""),
+    ("calls_ok_total", "macula_calls_ok", "counter", "CALLs answered with RESULT", ""),
+    ("calls_pending", "macula_calls_pending", "gauge", "CALLs waiting for a provider", ""),
+    ("inflight", "macula_inflight_messages", "gauge", "QoS 1 deliveries awaiting ACK", ""),
+    ("queued_qos0", "macula_queued_qos0_messages", "gauge", "QoS 0 EVENTs queued", ""),
+    ("queued_reliable", "macula_queued_reliable_commands", "gauge", "Replies queued", ""),
+    ("queued_pending_qos1", "macula_queued_qos1_messages", "gauge",
+     "QoS 1 deliveries waiting for window space", ""),
+    ("stalled_sessions", "macula_stalled_sessions", "gauge", "Sessions at their HWM", ""),
+    ("drops_total", "macula_drops", "counter", "Messages dropped, by reason", "reason"),
+    ("errors_total", "macula_errors", "counter", "ERRORs sent, by code name", "code"),
+)
+
+
+class BrokerCollector(Collector):
+    """Turns a ``stats()`` callable into Prometheus metric families at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self._stats()))
+
+    def _families(self, stats: dict[str, Any]) -> Iterator[Metric]:
+        for key, name, kind, doc, label in _SPEC:
+            value = stats.get(key, 0)
+            family: CounterMetricFamily | GaugeMetricFamily
+            if kind == "counter":
+                family = CounterMetricFamily(name, doc, labels=[label] if label else None)
+            else:
+                family = GaugeMetricFamily(name, doc, labels=[label] if label else None)
+            if label:
+                for lv, v in sorted(value.items()):
+                    family.add_metric([lv.lower()], float(v))
+            else:
+                family.add_metric([], float(value))
+            yield family
+
+
+def make_registry(stats: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(stats))
+    return registry
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz``, ``/readyz`` over HTTP/1.0 on the running loop."""
+
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]
+    ) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self.ready = ready
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            ctype = "text/plain; charset=utf-8"
+            if parts[:1] != ["GET"]:
+                status, body = "405 Method Not Allowed", b"GET only\n"
+            elif path == "/metrics":
+                status, body, ctype = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
+            elif path == "/healthz":
+                status, body = "200 OK", b"ok\n"
+            elif path == "/readyz":
+                ok = self.ready()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body = b"ready\n" if ok else b"not ready\n"
+            else:
+                status, body = "404 Not Found", b"not found\n"
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

@@ -1,0 +1,182 @@
+"""The composition root: one node built from a :class:`~macula.config.NodeConfig`.
+
+Today a node is the control plane (broker + ZeroMQ driver) and its metrics endpoint; the
+mesh (QUIC links, DHT) will join here as further components whose remote subscriptions are
+sinks beside the local sessions (see ``macula.control.broker.Sink``).
+
+- :class:`Node`: ``await node.start()`` / ``await node.stop()`` on a running loop.
+- :func:`run`: what ``macula node`` does: start, print one ready line, stop cleanly on
+  SIGINT/SIGTERM (every session gets BYE with SHUTDOWN).
+- :class:`NodeThread`: a node on its own loop in a background thread, for tests, tools and
+  embedding (``with NodeThread(cfg) as n: n.endpoint``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from macula.config import NodeConfig
+from macula.control.broker import Broker
+from macula.control.server import ControlServer, CurveSettings
+from macula.metrics import MetricsServer, make_registry
+
+
+class Node:
+    def __init__(self, config: NodeConfig | None = None) -> None:
+        self.config = config = config or NodeConfig()
+        self.broker = Broker(
+            config.limits, realms=config.realms, allow_any_realm=config.allow_any_realm
+        )
+        curve = None
+        if config.curve_secret_key_file or config.curve_allow_dir:
+            if not (config.curve_secret_key_file and config.curve_allow_dir):
+                raise ValueError("CURVE needs both curve_secret_key_file and curve_allow_dir")
+            curve = CurveSettings(config.curve_secret_key_file, config.curve_allow_dir)
+        self.server = ControlServer(
+            self.broker,
+            config.endpoints,
+            curve=curve,
+            sndhwm=config.sndhwm,
+            rcvhwm=config.rcvhwm,
+            tick_interval=config.tick_interval,
+            io_threads=config.io_threads,
+        )
+        self.registry = make_registry(self.broker.stats)
+        self.metrics: MetricsServer | None = None
+        if config.metrics_port >= 0:
+            self.metrics = MetricsServer(
+                self.registry, config.metrics_host, config.metrics_port, self.ready
+            )
+        self._stopping = False
+
+    def ready(self) -> bool:
+        return self.server.running and not self._stopping
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The bound control endpoints (``tcp://host:0`` resolved to the real port)."""
+        return list(self.server.bound)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.metrics is not None:
+            await self.metrics.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self.server.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return self.broker.stats()
+
+
+async def run(config: NodeConfig, out: TextIO = sys.stdout) -> int:
+    """Run until SIGINT or SIGTERM; print ``macula node ready ...`` once serving."""
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    print(
+        f"macula node ready endpoints={','.join(node.endpoints)} "
+        f"metrics={node.metrics_port if node.metrics_port is not None else 'off'}",
+        file=out,
+        flush=True,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print("macula node stopped", file=out, flush=True)
+    return 0
+
+
+class NodeThread:
+    """A :class:`Node` on its own event loop in a daemon thread.
+
+    ``start()`` returns once the node serves; ``call(fn)`` runs ``fn(node)`` on the node's
+    loop and returns its result (use it to read ``stats()`` or the broker safely).
+    """
+
+    def __init__(self, config: NodeConfig | None = None) -> None:
+        self.config = config or NodeConfig()
+        self.node: Node | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+
+    def start(self) -> NodeThread:
+        """Start the node (once; a started NodeThread returns itself)."""
+        if self._thread is not None:
+            return self
+        self._thread = threading.Thread(target=self._main, name="macula-node", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        if self.node is None:
+            raise RuntimeError("node did not start within 30 s")
+        return self
+
+    def _main(self) -> None:
+        asyncio.run(self._amain())
+
+    async def _amain(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            node = Node(self.config)
+            await node.start()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self.node = node
+        self._ready.set()
+        await self._stop.wait()
+        await node.stop()
+
+    @property
+    def endpoint(self) -> str:
+        assert self.node is not None
+        return self.node.endpoints[0]
+
+    def call(self, fn: Callable[[Node], Any]) -> Any:
+        assert self._loop is not None and self.node is not None
+        node = self.node
+
+        async def job() -> Any:
+            return fn(node)
+
+        return asyncio.run_coroutine_threadsafe(job(), self._loop).result(30)
+
+    def stats(self) -> dict[str, Any]:
+        return self.call(lambda n: n.stats())  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+            self._loop = None
+
+    def __enter__(self) -> NodeThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
