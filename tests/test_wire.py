@@ -155,6 +155,19 @@ async def test_requests_responses_errors_and_timeouts() -> None:
 
 
 @run
+async def test_a_seed_dialled_by_address_is_learned_from_its_certificate() -> None:
+    a, b = await endpoint(), await endpoint()
+    try:
+        link = await a.connect_seed(addr(b))
+        assert link.peer_id == b.identity.node_id
+        assert a.pool.peek(b.identity.node_id) is link
+        assert await link.request(1, b"seed") == b"dees"
+    finally:
+        await a.close()
+        await b.close()
+
+
+@run
 async def test_concurrent_gets_share_one_dial() -> None:
     a, b = await endpoint(), await endpoint()
     try:

@@ -324,8 +324,18 @@ class WireEndpoint:
         self.pool.start()
         self._started = True
 
-    async def dial(self, peer_id: bytes, addr: tuple[str, int]) -> _Conn:
-        """A new admitted connection to ``peer_id`` at ``addr`` (no pooling: see LinkPool)."""
+    async def connect_seed(self, addr: tuple[str, int]) -> PeerLink:
+        """Dial an endpoint whose node id is not known yet (a bootstrap seed): the id is
+        taken from the server's certificate, and the link joins the pool under it."""
+        conn = await self.dial(None, addr)
+        assert conn.expected is not None
+        link = self.pool.link(conn.expected, addr)
+        link._attach(conn)
+        return link
+
+    async def dial(self, peer_id: bytes | None, addr: tuple[str, int]) -> _Conn:
+        """A new admitted connection to ``peer_id`` at ``addr`` (no pooling: see LinkPool);
+        ``peer_id`` None accepts whichever node answers (see ``connect_seed``)."""
         loop = asyncio.get_running_loop()
         self.stats.dials += 1
         infos = await loop.getaddrinfo(addr[0], addr[1], type=socket.SOCK_DGRAM)

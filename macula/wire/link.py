@@ -252,13 +252,13 @@ class _Conn(QuicConnectionProtocol):
     def write(self, data: bytes, rids: list[int] | None = None) -> None:
         assert self.stream_id is not None
         self._quic.send_stream_data(self.stream_id, data)
-        now = self._loop.time()
         if not self.batches:
-            self.first_unacked_at = now
+            # while batches are unacknowledged, ACKs keep last_rx fresh: the clock is read
+            # only when the first one goes out
+            self.first_unacked_at = self.last_tx = self._loop.time()
         n = len(data)
         self.written += n
         self.batches.append((self.written, data, rids))
-        self.last_tx = now
         self.endpoint.stats.bytes_out += n
         self.transmit()
 
@@ -341,8 +341,17 @@ class _Conn(QuicConnectionProtocol):
 
     def _start_admission(self) -> None:
         """Client: the TLS handshake is done; pin the server's key, then say HELLO."""
+        cert = self._quic.tls._peer_certificate
         try:
-            ident.check_server_certificate(self._quic.tls._peer_certificate, self.expected or b"")
+            if self.expected is None:  # a seed dialled by address: learn who it is
+                if cert is None:
+                    raise ident.AdmissionError(ident.ADMIT_WRONG_PEER, "no server certificate")
+                try:
+                    self.expected = ident.node_id_of_certificate(cert)
+                except ident.IdentityError as exc:
+                    raise ident.AdmissionError(ident.ADMIT_WRONG_PEER, str(exc)) from None
+            else:
+                ident.check_server_certificate(cert, self.expected)
         except ident.AdmissionError as exc:
             self.fail(exc.code, exc.reason)
             return
