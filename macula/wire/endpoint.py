@@ -92,28 +92,31 @@ class _Server(QuicServer):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         assert isinstance(data, bytes)
-        if len(data) < 1 + self._configuration.connection_id_length or not data[0] & 0x40:
+        cid_len = self._configuration.connection_id_length
+        if len(data) < 1 + cid_len or not data[0] & 0x40:
             self._stats.garbage_datagrams += 1  # too short, or the QUIC fixed bit is clear
             return
-        if not data[0] & 0x80:  # short header: must belong to a connection we know
-            cid = data[1 : 1 + self._configuration.connection_id_length]
-            if cid not in self._protocols:
+        if not data[0] & 0x80:
+            # Short header (all traffic after the handshake): the destination connection id
+            # follows the first byte. Hand the datagram straight to its connection — what
+            # aioquic would do after parsing the header, without parsing it.
+            protocol = self._protocols.get(data[1 : 1 + cid_len])
+            if protocol is None:
                 self._stats.unknown_connection_datagrams += 1
                 return
-        else:
-            try:
-                header = pull_quic_header(
-                    Buffer(data=data), host_cid_length=self._configuration.connection_id_length
-                )
-            except ValueError:
-                self._stats.garbage_datagrams += 1
-                return
-            if (
-                header.destination_cid not in self._protocols
-                and header.packet_type != QuicPacketType.INITIAL
-            ):
-                self._stats.unknown_connection_datagrams += 1
-                return
+            protocol.datagram_received(data, addr)
+            return
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=cid_len)
+        except ValueError:
+            self._stats.garbage_datagrams += 1
+            return
+        if (
+            header.destination_cid not in self._protocols
+            and header.packet_type != QuicPacketType.INITIAL
+        ):
+            self._stats.unknown_connection_datagrams += 1
+            return
         super().datagram_received(data, addr)
 
 

@@ -614,7 +614,6 @@ class PeerLink:
             self.endpoint.stats.drops["backpressure"] += 1
             return False
         self._enc.append((m.T_MSG, kind, payload))
-        self.endpoint.stats.frames_out += 1
         if self._flush_handle is None:
             self._schedule_flush()
         elif self._enc.nbytes >= self.cfg.flush_bytes:
@@ -634,7 +633,6 @@ class PeerLink:
         if self._enc.nbytes + self._inflight + self._resend_bytes >= self._limit:
             return False
         self._enc.append((m.T_MSG, kind, payload))
-        self.endpoint.stats.frames_out += 1
         if self._flush_handle is None:
             self._schedule_flush()
         elif self._enc.nbytes >= self.cfg.flush_bytes:
@@ -665,7 +663,6 @@ class PeerLink:
         self._pending[rid] = (fut, timer)
         self._enc.append((m.T_REQ, rid, kind, payload))
         self._unflushed_rids.append(rid)
-        self.endpoint.stats.frames_out += 1
         self.endpoint.stats.requests_out += 1
         if self._flush_handle is None:
             self._schedule_flush()
@@ -679,7 +676,6 @@ class PeerLink:
     def _send_frame(self, frame: tuple[Any, ...]) -> None:
         """Queue a control frame (responses, pings), never refused."""
         self._enc.append(frame)
-        self.endpoint.stats.frames_out += 1
         if self._flush_handle is None:
             self._schedule_flush()
 
@@ -691,12 +687,15 @@ class PeerLink:
             self._flush_handle = self._loop.call_later(delay, self._flush)
 
     def _flush_now(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-        self._flush()
+        # A scheduled flush stays scheduled: it finds nothing (or what came after) to write,
+        # which is cheaper than cancelling and re-scheduling a handle per explicit flush.
+        self._write_out()
 
     def _flush(self) -> None:
         self._flush_handle = None
+        self._write_out()
+
+    def _write_out(self) -> None:
         conn = self._conn
         if conn is None or conn.state != OPEN:
             if not self.closed and (self._enc.nbytes or self._resend):
@@ -713,6 +712,7 @@ class PeerLink:
             rids = self._unflushed_rids or None
             if rids is not None:
                 self._unflushed_rids = []
+            self.endpoint.stats.frames_out += len(self._enc)
             data = self._enc.flush()
             self._inflight += len(data)
             conn.write(data, rids)
