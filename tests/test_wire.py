@@ -117,6 +117,7 @@ async def test_messages_arrive_in_order_both_ways_on_one_link() -> None:
         await ha.wait_for(1)
         assert ha.messages == [(b.identity.node_id, 8, b"pong")]
         assert a.stats.dials == 1 and b.stats.admitted == 1
+        assert a.stats_snapshot()["links_open"] == 1 and b.stats_snapshot()["links_open"] == 1
         # one connection, one stream: many frames per write, far fewer writes than frames
         assert b.stats.frames_in >= 5000 and a.stats.frames_out >= 5000
     finally:
@@ -272,6 +273,8 @@ async def test_failed_endpoint_backs_off() -> None:
         with pytest.raises(DialError):
             await a.pool.get(nobody, dead)
         assert a.stats.dials == 1 and a.stats.dial_failures == 1
+        snap = a.stats_snapshot()
+        assert snap["dial_failures"] == 1 and snap["links_open"] == 0
         with pytest.raises(DialError, match="failed recently"):
             await a.pool.get(nobody, dead)
         assert a.stats.dials == 1  # no new dial during the back-off

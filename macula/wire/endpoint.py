@@ -327,6 +327,15 @@ class WireEndpoint:
         self.pool.start()
         self._started = True
 
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The counters, plus the gauges: links in the pool and how many are connected."""
+        out = self.stats.snapshot()
+        links = self.pool.links() if self._started else []
+        out["links"] = len(links)
+        out["links_open"] = sum(1 for link in links if link.is_open)
+        out["links_buffered_bytes"] = sum(link.buffered() for link in links)
+        return out
+
     async def connect_seed(self, addr: tuple[str, int]) -> PeerLink:
         """Dial an endpoint whose node id is not known yet (a bootstrap seed): the id is
         taken from the server's certificate, and the link joins the pool under it."""
