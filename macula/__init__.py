@@ -21,6 +21,8 @@ except ImportError as exc:  # pragma: no cover - exercised by tests/test_package
 
 __all__ = [
     "BatchEncoder",
+    "BlockingClient",
+    "Client",
     "FrameDecoder",
     "FrameError",
     "RoutingTable",
@@ -31,3 +33,12 @@ __all__ = [
     "validate_filter",
     "validate_topic",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The clients import pyzmq; load them on first use so that ``import macula`` stays fast.
+    if name in ("Client", "BlockingClient"):
+        from macula import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'macula' has no attribute {name!r}")

@@ -1,8 +1,9 @@
 """The ``macula`` command.
 
 It reports on the installation (``macula version``, ``macula cores``) and runs a node
-(``macula node``, docs/NODE.md); the demo mesh and the pub/sub/call helpers join it as they
-are built (see docs/ARCHITECTURE.md).
+(``macula node``, docs/NODE.md), and talks to one from the shell (``macula pub``, ``macula
+sub``, ``macula call``, through :class:`macula.client.BlockingClient`); the demo mesh joins
+as it is built (see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import importlib
 import platform
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import macula
 
 CORES = ("trie", "cache", "routing", "codec")
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 
 def _cmd_version(_: argparse.Namespace) -> int:
@@ -67,6 +70,103 @@ def _cmd_node(args: argparse.Namespace) -> int:
     return asyncio.run(run(config))
 
 
+def _client(args: argparse.Namespace) -> Any:
+    from macula.client import BlockingClient
+
+    name = args.name or f"macula-{args.command}"
+    return BlockingClient(args.endpoint, realm=args.realm, name=name, secret=args.secret,
+                          timeout=args.connect_timeout)
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    from macula.client import MaculaError
+
+    return (MaculaError, TimeoutError, ValueError, TypeError)
+
+
+def _cmd_pub(args: argparse.Namespace) -> int:
+    """Publish MESSAGE (or each line of stdin) to TOPIC."""
+    if args.message is not None:
+        payloads = [args.message.encode()]
+    else:
+        payloads = [line.rstrip("\n").encode() for line in sys.stdin]
+    try:
+        with _client(args) as client:
+            if args.qos == 0:
+                client.publish_many([(args.topic, data) for data in payloads],
+                                    retain=args.retain)
+            for data in payloads if args.qos else []:
+                reason = client.publish(args.topic, data, qos=1, retain=args.retain)
+                if reason:
+                    print(f"macula pub: PUBACK {reason.name}", file=sys.stderr)
+            client.stats()  # a round trip: everything before it reached the node
+    except _client_errors() as exc:
+        print(f"macula pub: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_sub(args: argparse.Namespace) -> int:
+    """Print ``topic payload`` for each message matching the filters."""
+    import queue
+
+    received: queue.Queue[Any] = queue.Queue()
+    try:
+        with _client(args) as client:
+            for filt in args.filter:
+                client.subscribe(filt, qos=args.qos, callback=received.put)
+            print(f"macula sub: subscribed to {', '.join(args.filter)}", file=sys.stderr,
+                  flush=True)
+            count = 0
+            while args.count == 0 or count < args.count:
+                try:
+                    msg = received.get(timeout=args.timeout if args.timeout > 0 else None)
+                except queue.Empty:
+                    break
+                text = msg.payload.decode("utf-8", "backslashreplace")
+                print(f"{msg.topic} {text}" if not args.payload_only else text, flush=True)
+                count += 1
+    except KeyboardInterrupt:
+        return 0
+    except _client_errors() as exc:
+        print(f"macula sub: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    """Call PROCEDURE with ARGS (JSON) and print the result as JSON."""
+    import json
+
+    try:
+        call_args = json.loads(args.args) if args.args is not None else None
+    except json.JSONDecodeError as exc:
+        print(f"macula call: ARGS must be JSON ({exc})", file=sys.stderr)
+        return 2
+    try:
+        with _client(args) as client:
+            result = client.call(args.procedure, call_args, timeout=args.timeout)
+    except _client_errors() as exc:
+        print(f"macula call: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, default=lambda b: b.decode("utf-8", "backslashreplace")))
+    return 0
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    import os
+
+    p.add_argument("--endpoint", default=os.environ.get("MACULA_ENDPOINT", DEFAULT_ENDPOINT),
+                   help=f"the node (default: $MACULA_ENDPOINT or {DEFAULT_ENDPOINT})")
+    p.add_argument("--realm", default=os.environ.get("MACULA_REALM", "default"),
+                   help="realm (default: $MACULA_REALM or 'default')")
+    p.add_argument("--secret", default=os.environ.get("MACULA_SECRET"),
+                   help="the realm's secret (default: $MACULA_SECRET)")
+    p.add_argument("--name", default="", help="client name shown by the node")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for the node's WELCOME")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="macula", description="macula: a self-organizing mesh of services"
@@ -85,6 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, help="metrics HTTP port (0: any free port, -1: off)"
     )
     node.set_defaults(func=_cmd_node)
+    pub = sub.add_parser("pub", help="publish a message (or each line of stdin)")
+    pub.add_argument("topic")
+    pub.add_argument("message", nargs="?", help="payload (UTF-8); omitted: read stdin lines")
+    pub.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    pub.add_argument("--retain", action="store_true", help="keep it as the retained message")
+    _client_options(pub)
+    pub.set_defaults(func=_cmd_pub)
+    subc = sub.add_parser("sub", help="print messages matching topic filters")
+    subc.add_argument("filter", nargs="+")
+    subc.add_argument("--qos", type=int, choices=(0, 1), default=0)
+    subc.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
+    subc.add_argument("--timeout", type=float, default=0.0,
+                      help="exit after this many seconds without a message (0: never)")
+    subc.add_argument("--payload-only", action="store_true", help="print payloads only")
+    _client_options(subc)
+    subc.set_defaults(func=_cmd_sub)
+    call = sub.add_parser("call", help="call a procedure, print its result as JSON")
+    call.add_argument("procedure")
+    call.add_argument("args", nargs="?", help="arguments as JSON (default: null)")
+    call.add_argument("--timeout", type=float, default=None, help="call timeout, seconds")
+    _client_options(call)
+    call.set_defaults(func=_cmd_call)
     return parser
 
 
