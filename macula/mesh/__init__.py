@@ -1,0 +1,1 @@
+"""The mesh: pub/sub and RPC across nodes (docs/ARCHITECTURE.md)."""
