@@ -190,8 +190,11 @@ def test_messages_round_trip_and_reject_malformed() -> None:
         assert data[1] == dm.kind_of(msg)  # fixarray, then the tag: the wire kind
         assert dm.REQUEST_DECODER.decode(data) == msg
     for rep in (Pong(1), Nodes(2, [c]), dm.Values(3, [dm.Record(b"\x05" * 32, b"x", 1.5)], [c]),
-                dm.StoreAck(4, False, "size")):
+                dm.StoreAck(4, False, "size"), dm.StoreAck(5, True, "", [c])):
         assert dm.REPLY_DECODER.decode(dm.ENCODER.encode(rep)) == rep
+    # an ack without the contacts field (four elements) still decodes: no contacts
+    old = msgspec.msgpack.encode([dm.KIND_STORE_ACK, 6, True, ""])
+    assert dm.REPLY_DECODER.decode(old) == dm.StoreAck(6, True, "", [])
     bad = [
         [dm.KIND_FIND_NODE, 1, b"short"],  # a 5-byte id
         [dm.KIND_NODES, 1, [[b"\x01" * 32, "h", 70000]]],  # port out of range
@@ -234,7 +237,9 @@ def test_requests_are_answered_and_senders_added() -> None:
     assert [c.node_id for c in reply.contacts] == expect  # exact, requester excluded
     key = rid_of(rng)
     ack = core.receive_request(peers[1], Store(5, key, b"hello", 30.0), now=3.0)
-    assert ack == dm.StoreAck(5, True, "")
+    expect = [i for i in brute_closest(list(core.table), key, 5) if i != peers[1].node_id][:4]
+    assert (ack.rid, ack.ok, ack.reason) == (5, True, "")
+    assert [c.node_id for c in ack.contacts] == expect  # like NODES: the storer's closest
     vals = core.receive_request(peers[2], FindValue(6, key), now=4.0)
     assert [(r.publisher, r.value, r.ttl) for r in vals.records] == [
         (peers[1].node_id, b"hello", 29.0)]
@@ -574,7 +579,7 @@ def test_store_bounds_are_refused_and_counted() -> None:
         a.put(k1, b"1", -1.0, now=net.now)
     peer = net.contacts[b.node_id]
     ack = a.receive_request(peer, Store(9, k1, b"123456789", 5.0), now=net.now)
-    assert ack == dm.StoreAck(9, False, "size") and a.store.refused["size"] == 1
+    assert (ack.rid, ack.ok, ack.reason) == (9, False, "size") and a.store.refused["size"] == 1
 
 
 # -- refresh and bootstrap ----------------------------------------------------------------
@@ -645,3 +650,149 @@ def test_bootstrap_retries_when_no_seed_answers() -> None:
     done = net.done[(lonely.node_id, lid)]
     assert isinstance(done, LookupDone) and done.contacts == []
     assert lonely.stats["timeouts"] == 3
+
+
+# -- the store walk -----------------------------------------------------------------------
+
+
+def drain(core: DhtCore) -> list[SendRequest]:
+    out = []
+    while (a := core.next_action()) is not None:
+        assert isinstance(a, SendRequest)
+        out.append(a)
+    return out
+
+
+def answer(net: FakeNet, src: DhtCore, sends: list[SendRequest]) -> list[Any]:
+    """Deliver ``sends`` to live nodes and hand their replies back at once (no clock)."""
+    replies = []
+    for a in sends:
+        if a.contact.node_id in net.dead:
+            continue
+        dst = net.nodes[a.contact.node_id]
+        reply = dst.receive_request(net.contacts[src.node_id], a.msg, net.now)
+        dst.next_action()  # (a full bucket's LRS ping, not delivered here)
+        src.receive_response(a.rid, reply, net.now)
+        replies.append(reply)
+    return replies
+
+
+def holders_of(net: FakeNet, key: bytes) -> set[bytes]:
+    return {nid for nid, c in net.nodes.items() if c.store.get(key, net.now)}
+
+
+def converged(n: int, k: int, seed: int = 1) -> tuple[FakeNet, list[DhtCore]]:
+    """n nodes whose tables hold every other node (no bucket is full)."""
+    net = FakeNet(DhtConfig(k=k, alpha=3, query_timeout=1.0), seed=seed)
+    cores = net.build(n)
+    for c in cores:
+        for nid in net.nodes:
+            if nid != c.node_id:
+                c.table.add(nid, net.contacts[nid], net.now)
+        assert len(c.table) == n - 1 and all(len(c.table.bucket(i)) < k for i in range(256))
+    return net, cores
+
+
+def test_store_walk_in_a_converged_network_is_one_round_of_k_stores() -> None:
+    net, cores = converged(30, 20)
+    rng = random.Random(6)
+    for _ in range(10):
+        pub = rng.choice(cores)
+        key = rid_of(rng)
+        want = brute_closest(list(net.nodes), key, 20)
+        op = pub.put(key, b"v", 60.0, now=net.now)
+        sends = drain(pub)
+        # all at once, not alpha-limited: a STORE to each of the k closest but ourselves
+        assert all(isinstance(a.msg, Store) for a in sends)
+        assert {a.contact.node_id for a in sends} == set(want) - {pub.node_id}
+        # the acks carry the storers' closest contacts, all known already: no second round
+        for r in answer(net, pub, sends):
+            assert r.ok and {c.node_id for c in r.contacts} <= set(net.nodes) - {pub.node_id}
+            assert len(r.contacts) == 20
+        done = pub.next_action()
+        assert isinstance(done, StoreDone) and done.op_id == op  # no second round
+        assert (done.stored, done.refused, done.failed) == (20, 0, 0)
+        assert holders_of(net, key) == set(want)  # a local copy when we are one of them
+        assert pub.next_action() is None and pub.queries_in_flight == 0
+
+
+def test_store_walk_sends_a_store_to_a_closer_node_revealed_by_an_ack() -> None:
+    net, cores = converged(30, 20, seed=2)
+    rng = random.Random(8)
+    key = rid_of(rng)
+    want = brute_closest(list(net.nodes), key, 20)
+    pub = next(c for c in cores if c.node_id not in want)
+    hidden = want[0]  # the closest node to the key, unknown to the publisher
+    assert pub.table.remove(hidden)
+    op = pub.put(key, b"v", 60.0, now=net.now)
+    first = drain(pub)
+    assert hidden not in {a.contact.node_id for a in first} and len(first) == 20
+    # the storers know `hidden`: their acks name it, and it gets a STORE of its own
+    assert all(hidden in {c.node_id for c in r.contacts} for r in answer(net, pub, first))
+    second = drain(pub)
+    assert [(a.contact.node_id, type(a.msg)) for a in second] == [(hidden, Store)]
+    answer(net, pub, second)
+    done = pub.next_action()
+    assert isinstance(done, StoreDone) and done.op_id == op
+    # every one of the k closest holds it; the 21st, stored to before `hidden` was known,
+    # keeps its (extra) copy too
+    assert done.stored == 21 and holders_of(net, key) >= set(want)
+    assert len(holders_of(net, key)) == 21
+
+
+def test_store_walk_failures_do_not_stall_it() -> None:
+    net, cores = converged(30, 20, seed=3)
+    rng = random.Random(4)
+    key = rid_of(rng)
+    want = brute_closest(list(net.nodes), key, 20)
+    pub = next(c for c in cores if c.node_id not in want)
+    dead = set(want[:3])
+    net.dead.update(dead)
+    op = pub.put(key, b"v", 60.0, now=net.now)
+    net.pump(pub)
+    net.run(net.now + 1.0 + 4 * LAT)  # one query timeout, then a round to the next ones
+    done = net.done[(pub.node_id, op)]
+    assert isinstance(done, StoreDone)
+    assert (done.stored, done.failed) == (20, 3)
+    live = [i for i in net.nodes if i not in dead]
+    assert holders_of(net, key) == set(brute_closest(live, key, 20))
+    assert pub.stats["timeouts"] == 3 and pub.queries_in_flight == 0
+
+
+def test_put_ends_on_exactly_the_k_closest_of_a_200_node_network() -> None:
+    net = FakeNet(DhtConfig(k=8, alpha=3, query_timeout=1.0), seed=5)
+    cores = net.build(200)
+    rng = random.Random(12)
+    sure = 0
+    for _ in range(40):
+        pub = rng.choice(cores)
+        key = rid_of(rng)
+        # the table covers the key's neighbourhood (its buckets there are not full)?
+        covers = pub._table_covers(key, pub.table.closest(key, 8))
+        sure += covers
+        out = pub.stats["queries_out"]
+        done = net.put(pub, key, b"v")
+        assert (done.stored, done.refused, done.failed) == (8, 0, 0)
+        # exactly: no copy left on a node that a closer one displaced
+        assert holders_of(net, key) == set(brute_closest(list(net.nodes), key, 8))
+        queries = pub.stats["queries_out"] - out
+        if covers:
+            assert queries <= 8  # one round: a STORE to each of the k closest (but us)
+        else:
+            assert 8 < queries <= 8 + 3 * 8  # FIND_NODE probes first, then the 8 STOREs
+    assert 0 < sure < 40  # both ways were taken (seed 5: 6 of 40 keys covered)
+
+
+def test_store_walk_counts_an_oversized_ack_as_a_failure() -> None:
+    net, cores = converged(30, 20, seed=4)
+    rng = random.Random(5)
+    key = rid_of(rng)
+    want = brute_closest(list(net.nodes), key, 21)
+    pub = next(c for c in cores if c.node_id not in want)
+    bad = want[0]
+    zero = Contact(b"\x00" * 32, "x", 1)
+    net.garbage[bad] = lambda r: dm.StoreAck(r.rid, True, "", [zero] * 41)  # > 2k contacts
+    done = net.put(pub, key, b"v")
+    assert (done.stored, done.failed) == (20, 1)  # it stored, but its ack is refused
+    assert pub.stats["bad_replies"] == 1 and zero.node_id not in pub.table
+    assert holders_of(net, key) == set(want)  # and the 21st closest got a STORE too

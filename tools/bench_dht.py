@@ -12,9 +12,10 @@ The mesh is built by bootstrapping every node from the first, then one round of
 - ``get``: ``await dht.get(key)`` from a node that does **not** hold the key (with 30 nodes
   and k = 20, 10 nodes do not), until the values are returned: a FIND_VALUE lookup,
   alpha = 3 queries out, done at the first reply carrying records.
-- ``put``: ``await dht.put(key, value)``, until every STORE is acknowledged: a FIND_NODE
-  lookup of the key, then STORE to its k = 20 closest (19 others + a local copy when the
-  publisher is one of them).
+- ``put``: ``await dht.put(key, value)``, until every STORE is acknowledged: a store walk
+  (docs/DHT.md) — STOREs to the k = 20 closest known contacts at once when the routing
+  table covers the key (else FIND_NODE first), acks naming closer nodes add STOREs; 19
+  others + a local copy when the publisher is one of them.
 
 Operations run one after the other (the loop also finishes the previous operation's late
 replies, which is counted in the next one). Figures: p50 / p99 per run, the median over

@@ -47,10 +47,20 @@ lookup is the longest chain of queries it made (a contact learned from a reply o
 contact is round r + 1; the table's contacts are round 1): its latency in round trips.
 
 **Records** (``RecordStore``): a key holds one value per publisher, each with its TTL;
-STORE is refused (and counted) at a bound. ``put`` looks up the key's k closest nodes and
-STOREs to each of them (and keeps a copy here when this node is one of the k closest); the
-owner republishes every ``ttl * republish_ratio`` seconds until ``unpublish``. Expired values
-are never served and are reaped every ``reap_interval``.
+STORE is refused (and counted) at a bound. ``put`` (and the owner's republish, every
+``ttl * republish_ratio`` seconds until ``unpublish``) is a **store walk**: a shortlist like a
+lookup's, whose k closest contacts not failed all get a STORE, and whose STORE_ACKs carry the
+storer's k closest contacts to the key (as NODES does), so that a closer node revealed by an
+ack joins the shortlist and gets a STORE too. When our table *covers* the key — every bucket
+meeting the XOR ball around the key out to its k-th closest contact holds fewer than k
+contacts, so (the table being converged) nobody closer exists — the k closest get their
+STOREs at once, not alpha-limited: one round of k requests. Otherwise they are first probed
+with FIND_NODE (alpha in flight, as a lookup) until the k closest have all answered, and
+then stored to; storing at once to contacts far from the key would leave copies on nodes
+that closer ones displace. The walk ends when the k closest not failed have all
+acknowledged (a failure is skipped and the shortlist topped up from the table, as in a
+lookup); this node keeps a copy when it is one of them. Expired values are never served and
+are reaped every ``reap_interval``.
 
 **Refresh and bootstrap.** Every ``refresh_check`` seconds, each non-empty bucket with no
 contact seen for ``refresh_interval`` gets a lookup of a random id in its range. A bootstrap
@@ -100,6 +110,12 @@ _NEW = 0
 _INFLIGHT = 1
 _DONE = 2
 _FAILED = 3
+# store-walk states (besides _NEW and _FAILED)
+_PROBING = 4  # FIND_NODE in flight (a contact beyond the store radius)
+_PROBED = 5  # answered the FIND_NODE: alive, not stored to yet
+_STORING = 6  # STORE in flight
+_STORED = 7  # acknowledged (stored or refused)
+_SELF = 8  # this node: it keeps a copy at the end if it is one of the k closest
 
 
 @dataclass(frozen=True)
@@ -206,7 +222,7 @@ class _Entry:
 
 
 class _Lookup:
-    __slots__ = ("cands", "done", "entries", "failed", "inflight", "join", "lid", "notify", "op",
+    __slots__ = ("cands", "done", "entries", "failed", "inflight", "join", "lid", "notify",
                  "queries", "records", "rounds", "target", "tint", "value_nodes", "want_value")
 
     def __init__(self, lid: int, target: bytes, want_value: bool, notify: bool) -> None:
@@ -223,7 +239,6 @@ class _Lookup:
         self.value_nodes = 0
         self.rounds = 0
         self.queries = 0
-        self.op: _StoreOp | None = None
         self.join: _Join | None = None
         self.done = False
 
@@ -245,19 +260,31 @@ class _Join:
 
 
 class _StoreOp:
-    __slots__ = ("failed", "key", "notify", "op_id", "pending", "refused", "stored", "ttl",
-                 "value")
+    """A store walk: a shortlist like a lookup's, whose k closest get STOREs."""
+
+    __slots__ = ("cands", "done", "edge", "entries", "failed", "key", "kint", "nfailed",
+                 "notify", "op_id", "probes", "refused", "stored", "stores", "sure", "ttl",
+                 "value", "waiting")
 
     def __init__(self, op_id: int, key: bytes, value: bytes, ttl: float, notify: bool) -> None:
         self.op_id = op_id
         self.key = key
+        self.kint = int.from_bytes(key, "big")
         self.value = value
         self.ttl = ttl
         self.notify = notify
-        self.pending = 0
+        self.cands: list[tuple[int, bytes]] = []  # (distance, node id), nearest first
+        self.entries: dict[bytes, _Entry] = {}
+        self.sure = False  # the k closest not failed get STOREs (else: probe them first)
+        self.edge = -1  # distance of the k-th closest at the last step (-1: fewer than k)
+        self.waiting = 0  # queries out to the k closest at the last step
+        self.probes = 0  # FIND_NODEs in flight
+        self.stores = 0  # STOREs sent
+        self.failed = 0  # STOREs that failed
+        self.nfailed = 0  # contacts that failed (STORE or FIND_NODE)
         self.stored = 0
         self.refused = 0
-        self.failed = 0
+        self.done = False
 
 
 class _Published:
@@ -407,7 +434,8 @@ class DhtCore:
         elif t is Store:
             assert isinstance(msg, Store)
             reason = self.store.put(msg.key, sender.node_id, msg.value, msg.ttl, now)
-            reply = StoreAck(msg.rid, not reason, reason)
+            reply = StoreAck(msg.rid, not reason, reason,
+                             self._closest_for(msg.key, sender.node_id))
         elif t is Ping:
             reply = Pong(msg.rid)
         else:
@@ -437,12 +465,8 @@ class DhtCore:
                 self._lookup_reply(lk, q, msg, now)
         elif q.purpose == _STORE:
             op = q.op
-            assert op is not None and isinstance(msg, StoreAck)
-            if msg.ok:
-                op.stored += 1
-            else:
-                op.refused += 1
-            self._store_step(op)
+            assert op is not None
+            self._walk_reply(op, q, msg, now)
         else:  # _PING: _seen() above has moved the contact to the most recently seen end
             self._pinging.discard(q.contact.node_id)
 
@@ -537,8 +561,19 @@ class DhtCore:
         elif q.purpose == _STORE:
             op = q.op
             assert op is not None
-            op.failed += 1
-            self._store_step(op)
+            if type(q.msg) is Store:
+                op.failed += 1
+            else:
+                op.probes -= 1
+            e = op.entries.get(nid)
+            if e is not None:
+                e.state = _FAILED
+            if not op.done:
+                # top up from the table, as a lookup does
+                op.nfailed += 1
+                more = self.table.closest(op.key, self.config.k + op.nfailed)
+                self._walk_merge(op, [c for _, c in more])
+                self._walk_step(op, now)
 
     def _evict(self, nid: bytes) -> None:
         self._failures.pop(nid, now=0.0)
@@ -582,7 +617,7 @@ class DhtCore:
             ok = t is Pong
         if not ok or msg.rid != q.rid:  # type: ignore[attr-defined]
             return False
-        if t is Nodes or t is Values:
+        if t is Nodes or t is Values or t is StoreAck:
             contacts = msg.contacts  # type: ignore[attr-defined]
             if not isinstance(contacts, list) or len(contacts) > 2 * self.config.k:
                 return False
@@ -701,11 +736,8 @@ class DhtCore:
                 contacts.append(e.contact)
                 if len(contacts) >= k:
                     break
-        op = lk.op
         if lk.join is not None:
             self._join_step(lk.join, lk, contacts, now)
-        elif op is not None:
-            self._store_to(op, lk, contacts, now)
         elif lk.notify:
             self._actions.append(LookupDone(lk.lid, lk.target, contacts,
                                             list(lk.records.values()), lk.rounds, lk.queries))
@@ -739,46 +771,151 @@ class DhtCore:
 
     def _start_store(self, key: bytes, value: bytes, ttl: float, now: float, *,
                      notify: bool) -> int:
+        """Start a store walk (the module docstring): STOREs to the table's k closest to
+        the key that lie within the store radius, FIND_NODE probes (alpha in flight) to the
+        farther ones, and the same for every closer contact the replies reveal."""
+        k = self.config.k
         op = _StoreOp(self._new_id(), key, value, ttl, notify)
         self.stats["stores"] += 1
-        lk = _Lookup(self._new_id(), key, False, False)
-        lk.op = op
-        self._lookups[lk.lid] = lk
-        self.stats["lookups"] += 1
-        self._merge(lk, [c for _, c in self.table.closest(key, self.config.k)], 1)
-        self._advance(lk, now)
+        closest = self.table.closest(key, k)
+        op.sure = self._table_covers(key, closest)
+        if not self.client_mode:  # we are a candidate holder ourselves
+            e = _Entry(Contact(self.node_id, "", 0), 0)
+            e.state = _SELF
+            op.entries[self.node_id] = e
+            bisect.insort(op.cands, (int.from_bytes(self.node_id, "big") ^ op.kint,
+                                     self.node_id))
+        self._walk_merge(op, [c for _, c in closest])
+        self._walk_step(op, now)
         return op.op_id
 
-    def _store_to(self, op: _StoreOp, lk: _Lookup, contacts: list[Contact],
-                  now: float) -> None:
+    def _table_covers(self, key: bytes, closest: list[tuple[bytes, Contact]]) -> bool:
+        """Whether our table holds every node of the network that is at least as close to
+        ``key`` as its k-th closest contact, assuming the table is converged (a bucket that
+        is not full holds every node of its range): true when every bucket meeting that XOR
+        ball holds fewer than k contacts."""
         k = self.config.k
-        # keep a copy here when we are one of the k closest to the key
-        if not self.client_mode and (
-            len(contacts) < k
-            or int.from_bytes(self.node_id, "big") ^ lk.tint
-            < int.from_bytes(contacts[-1].node_id, "big") ^ lk.tint
-        ):
-            if self.store.put(op.key, self.node_id, op.value, op.ttl, now):
-                op.refused += 1
-            else:
-                op.stored += 1
-            contacts = contacts[: k - 1]
+        table = self.table
+        own = int.from_bytes(self.node_id, "big")
+        kint = int.from_bytes(key, "big")
+        radius = (int.from_bytes(closest[-1][0], "big") ^ kint if len(closest) >= k
+                  else (1 << 256) - 1)
+        p = 256 - radius.bit_length()  # the ball is the subtree of the key's first p bits
+        i = 256 - (kint ^ own).bit_length()  # the key's bucket
+        if p > i:  # the ball lies inside bucket i's range
+            return len(table.bucket(i)) < k
+        # the ball holds our own subtree of depth p: buckets p .. our closest neighbour's
+        nearest = table.closest(self.node_id, 1)
+        last = table.bucket_of(nearest[0][0]) if nearest else -1
+        return all(len(table.bucket(j)) < k for j in range(p, last + 1))
+
+    def _walk_merge(self, op: _StoreOp, contacts: list[Contact]) -> bool:
+        """Add new contacts to the shortlist; True if one of them is among the k closest."""
+        entries = op.entries
+        cands = op.cands
+        kint = op.kint
+        edge = op.edge
+        closer = False
         for c in contacts:
-            rid = self._new_id()
-            q = self._send(rid, c, Store(rid, op.key, op.value, op.ttl), now, _STORE)
-            q.op = op
-            op.pending += 1
-        if op.pending == 0:
-            self._store_done(op)
+            nid = c.node_id
+            if nid in entries or c.port == 0 or nid == self.node_id:
+                continue
+            entries[nid] = _Entry(c, 0)
+            d = int.from_bytes(nid, "big") ^ kint
+            bisect.insort(cands, (d, nid))
+            if edge < 0 or d < edge:
+                closer = True
+        return closer
 
-    def _store_step(self, op: _StoreOp) -> None:
-        op.pending -= 1
-        if op.pending == 0:
-            self._store_done(op)
+    def _walk_reply(self, op: _StoreOp, q: _Query, msg: Any, now: float) -> None:
+        nid = q.contact.node_id
+        e = op.entries[nid]
+        if type(msg) is StoreAck:
+            e.state = _STORED
+            if msg.ok:
+                op.stored += 1
+            else:
+                op.refused += 1
+            if op.done:
+                return
+            if not self._walk_merge(op, msg.contacts) and op.sure:
+                # the k closest are unchanged (the common case): no need to walk them again
+                if op.edge >= 0 and (int.from_bytes(nid, "big") ^ op.kint) > op.edge:
+                    return  # an ack from outside the k closest: nothing waited for it
+                op.waiting -= 1
+                if op.waiting > 0:
+                    return
+        else:  # Nodes, the reply to a probe
+            op.probes -= 1
+            e.state = _PROBED
+            if op.done:
+                return
+            self._walk_merge(op, msg.contacts)
+        self._walk_step(op, now)
 
-    def _store_done(self, op: _StoreOp) -> None:
+    def _walk_step(self, op: _StoreOp, now: float) -> None:
+        """Among the k closest contacts not failed: until they are sure (the table covered
+        the key, or they all answered a probe) probe the unasked ones, alpha in flight;
+        then STORE to every one not stored to. Done when all k have acknowledged; then keep
+        a copy here if we are one of them."""
+        k = self.config.k
+        entries = op.entries
+        top: list[_Entry] = []
+        edge = -1
+        unsure = 0  # contacts not probed yet, or probes out
+        for d, nid in op.cands:
+            e = entries[nid]
+            st = e.state
+            if st == _FAILED:
+                continue
+            if st in (_NEW, _PROBING):
+                unsure += 1
+            top.append(e)
+            if len(top) >= k:
+                edge = d
+                break
+        if not op.sure and unsure == 0:
+            op.sure = True  # the probes converged: the k closest are known
+        sure = op.sure
+        alpha = self.config.alpha
+        waiting = 0
+        for e in top:
+            st = e.state
+            if st in (_NEW, _PROBED):
+                if sure:
+                    self._walk_send(op, e, True, now)
+                elif st == _NEW and op.probes < alpha:
+                    self._walk_send(op, e, False, now)
+                waiting += 1
+            elif st in (_PROBING, _STORING):
+                waiting += 1
+        op.waiting = waiting
+        op.edge = edge
+        if waiting:
+            return
+        op.done = True
+        for e in top:
+            if e.state == _SELF:
+                if self.store.put(op.key, self.node_id, op.value, op.ttl, now):
+                    op.refused += 1
+                else:
+                    op.stored += 1
         if op.notify:
             self._actions.append(StoreDone(op.op_id, op.key, op.stored, op.refused, op.failed))
+
+    def _walk_send(self, op: _StoreOp, e: _Entry, store: bool, now: float) -> None:
+        rid = self._new_id()
+        msg: Request
+        if store:
+            msg = Store(rid, op.key, op.value, op.ttl)
+            e.state = _STORING
+            op.stores += 1
+        else:
+            msg = FindNode(rid, op.key)
+            e.state = _PROBING
+            op.probes += 1
+        q = self._send(rid, e.contact, msg, now, _STORE)
+        q.op = op
 
     # -- introspection --------------------------------------------------------------------
 

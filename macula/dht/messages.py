@@ -5,10 +5,15 @@ wire's REQ/RESP frames (docs/WIRE.md), one request kind per message type.
     PING       0x10 [0x10, rid]                  PONG      0x18 [0x18, rid]
     FIND_NODE  0x11 [0x11, rid, target]          NODES     0x19 [0x19, rid, contacts]
     FIND_VALUE 0x12 [0x12, rid, key]             VALUES    0x1A [0x1A, rid, records, contacts]
-    STORE      0x13 [0x13, rid, key, value, ttl] STORE_ACK 0x1B [0x1B, rid, ok, reason]
+    STORE      0x13 [0x13, rid, key, value, ttl] STORE_ACK 0x1B [0x1B, rid, ok, reason,
+                                                                   contacts]
 
     contact = [node_id (bin 32), host (str), port (int)]
     record  = [publisher (bin 32), value (bin), ttl (float: seconds left at the sender)]
+
+STORE_ACK's ``contacts`` (the storer's k closest contacts to the key, the requester
+excluded, as in NODES) let ``put`` walk toward the key while it stores; the field is optional
+on decoding (an ack of four elements has none).
 
 ``rid`` is the requester's query id, echoed by the reply (a reply with another rid is a bad
 reply). The sender of a request is the authenticated peer of the link, so messages do not
@@ -97,6 +102,8 @@ class StoreAck(msgspec.Struct, array_like=True, frozen=True, tag=KIND_STORE_ACK)
     rid: int
     ok: bool
     reason: str = ""
+    # the storer's k closest contacts to the key (the requester excluded), as in NODES
+    contacts: Annotated[list[Contact], msgspec.Meta(max_length=MAX_REPLY_CONTACTS)] = []
 
 
 Request = Ping | FindNode | FindValue | Store
