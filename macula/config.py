@@ -7,6 +7,7 @@ layout::
     endpoints = ["tcp://127.0.0.1:5555", "ipc:///run/macula/control.sock"]
     metrics_port = 9464
     allow_any_realm = false
+    shards = 2          # delivery shard processes (default: the cores; 0: in the node)
     [realms]            # name = secret ("" for none)
     default = ""
     billing = "s3cret"
@@ -36,6 +37,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def default_shards() -> int:
+    """The number of cores this process may use (the default number of delivery shards)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class NodeConfig:
     """Everything ``macula node`` needs. See docs/NODE.md for each field."""
@@ -51,6 +60,7 @@ class NodeConfig:
     rcvhwm: int = 10_000
     tick_interval: float = 0.05
     io_threads: int = 1
+    shards: int = field(default_factory=default_shards)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

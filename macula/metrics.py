@@ -1,5 +1,10 @@
 """Prometheus metrics of a node, and the HTTP endpoint serving them with health checks.
 
+With delivery shards, each shard's figures are served with a ``shard`` label
+(``macula_shard_queue_depth{shard="0"}``...): the node's record of its queue depth, up/down
+and restarts, and the figures the shard sends with every reply (busy time, messages,
+matches, deliveries, subscriptions).
+
 The broker keeps plain integer counters (no locks or label look-ups on the hot path); a
 custom collector reads ``Broker.stats()`` at scrape time, so the figures served on
 ``/metrics`` are exactly those a client gets with STATS. Each node has its own
@@ -51,6 +56,27 @@ _SPEC: tuple[tuple[str, str, str, str, str], ...] = (
 )
 
 
+# per-shard stats key -> (metric name without _total, kind, help)
+_SHARD_SPEC: tuple[tuple[str, str, str, str], ...] = (
+    ("up", "macula_shard_up", "gauge", "1 while the shard process serves"),
+    ("restarts_total", "macula_shard_restarts", "counter", "Shard processes restarted"),
+    ("queue_depth", "macula_shard_queue_depth", "gauge",
+     "Messages sent to the shard and not yet answered"),
+    ("busy_seconds_total", "macula_shard_busy_seconds", "counter",
+     "Time the shard process spent matching and building (this process)"),
+    ("messages_total", "macula_shard_messages", "counter",
+     "Published messages matched by the shard (this process)"),
+    ("matched_total", "macula_shard_matched", "counter",
+     "Subscriptions matched (this process)"),
+    ("delivered_total", "macula_shard_delivered", "counter",
+     "EVENT deliveries built or routed (this process)"),
+    ("missed_total", "macula_shard_missed", "counter",
+     "Published messages the shard never got (it was down)"),
+    ("subscriptions", "macula_shard_subscriptions", "gauge", "Subscriptions in the shard"),
+    ("sessions", "macula_shard_sessions", "gauge", "Sessions with subscriptions in the shard"),
+)
+
+
 class BrokerCollector(Collector):
     """Turns a ``stats()`` callable into Prometheus metric families at scrape time."""
 
@@ -73,6 +99,20 @@ class BrokerCollector(Collector):
                     family.add_metric([lv.lower()], float(v))
             else:
                 family.add_metric([], float(value))
+            yield family
+        shards = stats.get("shards")
+        if shards:
+            yield from self._shard_families(shards)
+
+    def _shard_families(self, shards: list[dict[str, Any]]) -> Iterator[Metric]:
+        for key, name, kind, doc in _SHARD_SPEC:
+            family: CounterMetricFamily | GaugeMetricFamily
+            if kind == "counter":
+                family = CounterMetricFamily(name, doc, labels=["shard"])
+            else:
+                family = GaugeMetricFamily(name, doc, labels=["shard"])
+            for sh in shards:
+                family.add_metric([str(sh["shard"])], float(sh.get(key, 0)))
             yield family
 
 

@@ -24,6 +24,7 @@ from macula.config import NodeConfig
 from macula.control.broker import Broker
 from macula.control.server import ControlServer, CurveSettings
 from macula.metrics import MetricsServer, make_registry
+from macula.shards.pool import ShardPool
 
 
 class Node:
@@ -37,6 +38,12 @@ class Node:
             if not (config.curve_secret_key_file and config.curve_allow_dir):
                 raise ValueError("CURVE needs both curve_secret_key_file and curve_allow_dir")
             curve = CurveSettings(config.curve_secret_key_file, config.curve_allow_dir)
+        if config.shards < 0:
+            raise ValueError("shards must be >= 0 (0: match and fan out in the node process)")
+        self.shards: ShardPool | None = None
+        if config.shards > 0:
+            self.shards = ShardPool(self.broker, config.shards)
+            self.broker.fanout = self.shards
         self.server = ControlServer(
             self.broker,
             config.endpoints,
@@ -45,6 +52,7 @@ class Node:
             rcvhwm=config.rcvhwm,
             tick_interval=config.tick_interval,
             io_threads=config.io_threads,
+            shards=self.shards,
         )
         self.registry = make_registry(self.broker.stats)
         self.metrics: MetricsServer | None = None
@@ -67,13 +75,22 @@ class Node:
         return self.metrics.port if self.metrics is not None else None
 
     async def start(self) -> None:
-        await self.server.start()
+        if self.shards is not None:
+            await self.shards.start()
+        try:
+            await self.server.start()
+        except BaseException:
+            if self.shards is not None:
+                await self.shards.stop()
+            raise
         if self.metrics is not None:
             await self.metrics.start()
 
     async def stop(self) -> None:
         self._stopping = True
         await self.server.stop()
+        if self.shards is not None:
+            await self.shards.stop()
         if self.metrics is not None:
             await self.metrics.stop()
 

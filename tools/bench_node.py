@@ -1,7 +1,8 @@
 """The node's speed against the control-plane issue's bars, in one table.
 
-    python tools/bench_node.py [--runs 3] [--quick] [--fanout-only]
+    python tools/bench_node.py [--runs 3] [--quick] [--fanout-only] [--wide-only]
                                [--io-threads 1 2] [--ipc] [--fanout-procs 4]
+                               [--shards 0 1 2 4] [--wide-procs 2]
 
 Everything runs in separate processes: ``macula node`` (a subprocess, ephemeral port), and
 each publisher, subscriber, caller and provider in its own ``multiprocessing`` process.
@@ -19,6 +20,22 @@ measure the node, not a client library):
   each ``--io-threads`` value of the node and, with ``--ipc``, over an ``ipc://`` endpoint;
 - RPC round trip caller → node → provider → node → caller, p50: raw, and with
   ``macula.Client.call`` / ``Client.register`` on both sides.
+
+Delivery shards (issue 6), for each ``--shards`` value (0: matching in the node process):
+
+- one PUBLISH → 25,000 subscriptions over 250 sockets (one session each, in
+  ``--wide-procs`` receiving processes, default 2: one per core), time from the send to the
+  last of the 25,000 EVENTs (the receivers count EVENTs from each body's array header).
+  MCP/1 gives a session one subscription per filter string, so 100 subscriptions per socket
+  are 100 distinct filters that all match the 13-level topic (level i of filter j is ``+``
+  when bit i of j is set). "1 filter set": every socket subscribes the same 100 filters
+  (each filter shared by 250 subscribers); "50 filter sets": sockets in 50 groups of 5, each
+  group its own 100 filters (5,000 filters, 500 subscriptions per set). The bar: ≤ 10 ms,
+  and the two cases within 1.5× of each other;
+- one publisher → 100 subscriber sockets (4 processes, one subscription each), 100,000
+  PUBLISH in messages of 100: EVENTs delivered per second (first to last arrival); then
+  30,000 PUBLISH each on a topic of its own (``load/<i>``, subscribers on ``load/+``), so
+  that every message is matched afresh instead of through a shard's cached plan.
 
 The machine has 2 cores: the node, its libzmq I/O thread and every client process share
 them, so fan-out in particular measures the whole machine, not the node alone.
@@ -44,8 +61,11 @@ from tools import bench_node_quick as q
 PAYLOAD = b"x" * 64
 
 
-def start_node(endpoint: str, io_threads: int) -> tuple[subprocess.Popen[str], str]:
+def start_node(endpoint: str, io_threads: int,
+               shards: int | None = None) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, MACULA_IO_THREADS=str(io_threads))
+    if shards is not None:
+        env["MACULA_SHARDS"] = str(shards)
     node = subprocess.Popen(
         [sys.executable, "-m", "macula.cli", "node", "--endpoint", endpoint,
          "--metrics-port", "-1"],
@@ -204,6 +224,237 @@ def c_fanout(program: Path, endpoint: str, subscribers: int, procs: int,
             pr.wait(30)
 
 
+# -- delivery shards: 25,000 subscriptions, one publisher -> many subscribers -----------------
+WIDE_TOPIC = "f/a/n/o/u/t/a/b/c/d/e/g/h"
+_LEVELS = WIDE_TOPIC.split("/")
+
+
+def wide_filter(j: int) -> str:
+    """Filter ``j`` of those matching WIDE_TOPIC: level i is ``+`` when bit i of j is set."""
+    return "/".join("+" if j >> i & 1 else lv for i, lv in enumerate(_LEVELS))
+
+
+def _events_in(body: bytes) -> int:
+    """The number of commands in a body, read from its array header (no decoding)."""
+    b = body[0]
+    if b & 0xF0 == 0x90:
+        return b & 0x0F
+    if b == 0xDC:
+        return int.from_bytes(body[1:3], "big")
+    return int.from_bytes(body[1:5], "big")
+
+
+def wide_subscribers(endpoint: str, filters: list[list[str]], rounds: int, ready: mp.Event,
+                     out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One DEALER per entry of ``filters`` (subscribed to those); per round the EVENTs
+    received and the time of the last one."""
+    import zmq
+
+    ctx = zmq.Context()
+    socks = []
+    for i, flts in enumerate(filters):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        s.connect(endpoint)
+        s.send_multipart([q.SIG, q.enc.encode(
+            [[1, 1, "bench", f"wide{i}", "", 60_000]] + [[10, j, f, 0] for j, f in
+                                                         enumerate(flts)])])
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    want = sum(len(f) for f in filters)
+    acked = 0
+    while acked < want:  # WELCOME + the SUBACKs
+        for s, _ in poller.poll(10_000):
+            cmds = q.dec.decode(s.recv_multipart()[1])
+            acked += sum(1 for c in cmds if c[0] == 11)
+    ready.set()
+    for _ in range(rounds):
+        got = 0
+        last = 0.0
+        while got < want:
+            events = poller.poll(5000)
+            if not events:
+                break
+            for s, _ in events:
+                got += _events_in(s.recv_multipart()[1])
+            last = time.perf_counter()
+        out.put((got, last))
+    for s in socks:
+        s.close(0)
+    ctx.term()
+
+
+def wide_fanout(endpoint: str, sets: int, procs: int, rounds: int,
+                sockets: int = 250, per_socket: int = 100) -> list[float]:
+    """One PUBLISH to ``sockets`` x ``per_socket`` subscriptions; ``sets`` filter sets."""
+    import zmq
+
+    per_set = sockets // sets
+    subs = [[wide_filter((i // per_set) * per_socket + j) for j in range(per_socket)]
+            for i in range(sockets)]
+    readies = [mp.Event() for _ in range(procs)]
+    out: mp.Queue[tuple[int, float]] = mp.Queue()
+    ps = [mp.Process(target=wide_subscribers,
+                     args=(endpoint, subs[k::procs], rounds, readies[k], out))
+          for k in range(procs)]
+    for pr in ps:
+        pr.start()
+    for r in readies:
+        r.wait(120)
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.DEALER)
+    pub.connect(endpoint)
+    q._hello(pub, "widepub")
+    lat = []
+    total = sockets * per_socket
+    for _ in range(rounds):
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        pub.send_multipart([q.SIG, q.enc.encode([[14, WIDE_TOPIC, PAYLOAD]])])
+        results = [out.get(timeout=60) for _ in range(procs)]
+        got = sum(g for g, _ in results)
+        lat.append(max(t for _, t in results) - t0)
+        print(f"  25k ({sets} filter sets): {got}/{total} delivered, last after "
+              f"{lat[-1] * 1e3:.2f} ms", flush=True)
+    for pr in ps:
+        pr.join(30)
+    pub.close(0)
+    ctx.term()
+    return lat
+
+
+def load_subscribers(endpoint: str, count: int, expect: int, flt: str, ready: mp.Event,
+                     out: mp.Queue) -> None:  # type: ignore[type-arg]
+    import zmq
+
+    ctx = zmq.Context()
+    socks = []
+    for i in range(count):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        s.connect(endpoint)
+        s.send_multipart([q.SIG, q.enc.encode([[1, 1, "bench", f"load{i}", "", 60_000],
+                                                 [10, 2, flt, 0]])])
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    acked = 0
+    while acked < count:
+        for s, _ in poller.poll(10_000):
+            cmds = q.dec.decode(s.recv_multipart()[1])
+            acked += sum(1 for c in cmds if c[0] == 11)
+    ready.set()
+    got = 0
+    first = last = 0.0
+    want = count * expect
+    while got < want:
+        events = poller.poll(3000)
+        if not events:
+            break
+        for s, _ in events:
+            while True:
+                try:
+                    body = s.recv_multipart(zmq.NOBLOCK)[1]
+                except zmq.Again:
+                    break
+                got += _events_in(body)
+        last = time.perf_counter()
+        if not first:
+            first = last
+    out.put((got, first, last))
+    for s in socks:
+        s.close(0)
+    ctx.term()
+
+
+def one_to_many(endpoint: str, subscribers: int = 100, procs: int = 4, n: int = 100_000,
+                batch: int = 100, distinct: bool = False) -> tuple[int, float]:
+    """One publisher, ``subscribers`` sockets: EVENTs delivered and first-to-last time.
+    ``distinct``: every message has a topic of its own (``load/<i>``, subscribers on
+    ``load/+``), so each is matched afresh (no cached plan); else all go to ``load/t``."""
+    readies = [mp.Event() for _ in range(procs)]
+    out: mp.Queue[tuple[int, float, float]] = mp.Queue()
+    flt = "load/+" if distinct else "load/t"
+    ps = [mp.Process(target=load_subscribers,
+                     args=(endpoint, subscribers // procs, n, flt, readies[k], out))
+          for k in range(procs)]
+    for pr in ps:
+        pr.start()
+    for r in readies:
+        r.wait(60)
+    import zmq
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.DEALER)
+    pub.connect(endpoint)
+    q._hello(pub, "loadpub")
+    body = q.enc.encode([[14, "load/t", PAYLOAD]] * batch)
+    for i in range(n // batch):
+        if distinct:
+            body = q.enc.encode([[14, f"load/{i * batch + j}", PAYLOAD] for j in range(batch)])
+        pub.send_multipart([q.SIG, body])
+    results = [out.get(timeout=120) for _ in range(procs)]
+    for pr in ps:
+        pr.join(30)
+    pub.close(0)
+    ctx.term()
+    got = sum(r[0] for r in results)
+    return got, max(r[2] for r in results) - min(r[1] for r in results)
+
+
+def shard_rows(args: argparse.Namespace, runs: int) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    wide: dict[int, tuple[float, float]] = {}
+    for shards in args.shards:
+        node, ep = start_node("tcp://127.0.0.1:0", 1, shards)
+        try:
+            one = statistics.median(wide_fanout(ep, 1, args.wide_procs, runs))
+            fifty = statistics.median(wide_fanout(ep, 50, args.wide_procs, runs))
+        finally:
+            stop_node(node)
+        wide[shards] = (one, fifty)
+    # The throughput cases run one node per shard count side by side (an idle node costs
+    # nothing) and take turns, run by run, so that a change in the machine's load during the
+    # bench does not favour one shard count.
+    nodes = {shards: start_node("tcp://127.0.0.1:0", 1, shards) for shards in args.shards}
+    same: dict[int, list[float]] = {k: [] for k in args.shards}
+    own: dict[int, list[float]] = {k: [] for k in args.shards}
+    try:
+        for _ in range(runs):
+            for shards, (_, ep) in nodes.items():
+                got, elapsed = one_to_many(ep)
+                same[shards].append(got / elapsed)
+                print(f"  shards={shards} 1 pub → 100 subs: {got} EVENTs in {elapsed:.3f} s",
+                      flush=True)
+                got, elapsed = one_to_many(ep, n=30_000, distinct=True)
+                own[shards].append(got / elapsed)
+                print(f"  shards={shards}   every message its own topic: {got} EVENTs in "
+                      f"{elapsed:.3f} s", flush=True)
+    finally:
+        for node, _ in nodes.values():
+            stop_node(node)
+    r1 = statistics.median(same[1]) if 1 in same else 0.0
+    d1 = statistics.median(own[1]) if 1 in own else 0.0
+    for shards in args.shards:
+        one, fifty = wide[shards]
+        ratio = max(one, fifty) / min(one, fifty)
+        rows.append((f"shards={shards}: 1 message → 25,000 subs, 1 filter set",
+                     f"{one * 1e3:.1f} ms", "≤ 10 ms", _met(one <= 10e-3)))
+        rows.append((f"shards={shards}: 1 message → 25,000 subs, 50 filter sets",
+                     f"{fifty * 1e3:.1f} ms", f"≤ {1.5 * one * 1e3:.1f} ms",
+                     _met(ratio <= 1.5)))
+        for label, rates, base in (("1 pub → 100 subs, EVENTs delivered", same[shards], r1),
+                                   ("  same, every message its own topic", own[shards], d1)):
+            r = statistics.median(rates)
+            gain = f"× {r / base:.2f} vs 1" if shards == 2 and base else ""
+            rows.append((f"shards={shards}: {label}", f"{r:,.0f} msg/s", gain,
+                         _met(r >= base) if gain else ""))
+    return rows
+
+
 # -- the table ----------------------------------------------------------------------------------
 def median_rate(fn: object, runs: int, label: str) -> float:
     rates = []
@@ -227,13 +478,22 @@ def main() -> int:
     ap.add_argument("--fanout-procs", type=int, default=4)
     ap.add_argument("--io-threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--ipc", action="store_true", help="also run fan-out over ipc://")
+    ap.add_argument("--shards", type=int, nargs="+", default=[0, 1, 2, 4],
+                    help="delivery shard counts for the shard cases (0: in the node)")
+    ap.add_argument("--wide-only", action="store_true", help="only the delivery shard cases")
+    ap.add_argument("--wide-procs", type=int, default=2,
+                    help="receiving processes for the 25,000-subscription cases")
+    ap.add_argument("--control-shards", type=int, default=None,
+                    help="MACULA_SHARDS for the control-plane cases (default: the node's)")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
     n = 50_000 if args.quick else 300_000
     calls = 1000 if args.quick else 5000
     rows: list[tuple[str, str, str, str]] = []
+    if args.wide_only:
+        return _print(shard_rows(args, runs), runs)
 
-    node, ep = start_node("tcp://127.0.0.1:0", 1)
+    node, ep = start_node("tcp://127.0.0.1:0", 1, args.control_shards)
     try:
         if not args.fanout_only:
             r = median_rate(lambda: q.one_run(ep, n, 1000), runs, "batched")
@@ -265,7 +525,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 endpoint = ("tcp://127.0.0.1:0" if transport == "tcp"
                             else f"ipc://{tmp}/node.sock")
-                node, ep = start_node(endpoint, threads)
+                node, ep = start_node(endpoint, threads, args.control_shards)
                 try:
                     if lang == "C" and program is not None:
                         lats = c_fanout(program, ep, args.fanout, args.fanout_procs, runs)
@@ -277,7 +537,12 @@ def main() -> int:
             rows.append((f"1 message → {args.fanout:,} sockets ({transport}, "
                          f"io_threads={threads}, {args.fanout_procs} {lang} procs)",
                          f"{lat * 1e3:.1f} ms", "≤ 8 ms", _met(lat <= 8e-3)))
+    if not args.fanout_only:
+        rows += shard_rows(args, runs)
+    return _print(rows, runs)
 
+
+def _print(rows: list[tuple[str, str, str, str]], runs: int) -> int:
     w = max(len(r[0]) for r in rows)
     print(f"\n{'case':<{w}}  {'ours':>15}  {'bar':>10}  met")
     for case, ours, bar, met in rows:

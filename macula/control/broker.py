@@ -22,6 +22,18 @@ Subscriptions
 Delivery targets are :class:`Sink` objects: today a local :class:`Session`; a remote node
 (the mesh) will be another sink behind the same ``offer(sub, msg, qos)`` call.
 
+Delivery shards (``broker.fanout``, set by ``macula.shards``)
+    With a :class:`Fanout` set, plain (not shared) subscriptions are not put in the realm's
+    trie: they are handed to the fanout, which keeps them in shard processes that match and
+    build the QoS 0 EVENTs. The broker keeps every session's subscriptions (so a restarted
+    shard can be given them again), shared groups, retained messages, QoS 1 windows and RPC.
+    A QoS 0 PUBLISH is passed on once (``fanout.publish``); the shards' finished EVENT bytes
+    come back through :meth:`Broker.deliver` as one chunk per session. A QoS 1 PUBLISH is
+    held (``_pending``) until every shard has answered with its matches
+    (:meth:`Broker.finish_publish`): the QoS 1 deliveries are then queued here, where the
+    in-flight state lives, and the PUBACK goes out. A repeat of a pending ``mid`` is counted
+    as a duplicate and not routed again.
+
 Encoding once
     A PUBLISH is encoded once into a *tail* (the msgpack of ``topic, payload, retain``); the
     EVENT for a subscriber is the subscriber's precomputed prefix (array header, code,
@@ -91,6 +103,41 @@ class Limits:
     stuck_timeout: float = 30.0
     dedup_window: int = 1_000
     dedup_ttl: float = 60.0
+
+
+class Fanout(Protocol):
+    """Where plain subscriptions live when matching runs outside the broker (the shards)."""
+
+    def subscribe(self, s: Session, sub: Subscription) -> None:
+        """``sub`` is new, or its QoS changed."""
+        ...
+
+    def unsubscribe(self, s: Session, sub: Subscription) -> None: ...
+
+    def session_closed(self, s: Session) -> None:
+        """``s`` ended: forget all its subscriptions."""
+        ...
+
+    def publish(self, realm: str, topic: str, tail: bytes, qos: int, seq: int) -> None:
+        """Route one message (``seq`` > 0 for QoS 1: answer with ``finish_publish``)."""
+        ...
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Figures of each shard."""
+        ...
+
+
+class PendingPub:
+    """A QoS 1 PUBLISH waiting for the shards' matches before its PUBACK."""
+
+    __slots__ = ("mid", "msg", "ok", "session", "targets")
+
+    def __init__(self, session: Session, mid: int, msg: Msg, ok: bool, targets: int) -> None:
+        self.session = session
+        self.mid = mid
+        self.msg = msg
+        self.ok = ok
+        self.targets = targets
 
 
 class Sink(Protocol):
@@ -214,8 +261,13 @@ class Session:
         self.hb_timeout = heartbeat_ms / 1000.0 * lim.liveness
         self.last_seen = now
         self.subs: dict[str, Subscription] = {}
+        self.subs_by_id: dict[int, Subscription] = {}
         self.next_sub_id = 1
         self.q0: deque[bytes] = deque()
+        # whole bodies of QoS 0 EVENTs built by a shard (bytes, or a buffer such as a
+        # zmq.Frame that the driver sends without copying), with their number of EVENTs
+        self.qs: deque[tuple[int, Any]] = deque()
+        self.qs_n = 0  # EVENTs in qs
         self.q1: deque[bytes] = deque()
         self.pending1: deque[tuple[Subscription, Msg]] = deque()
         self.inflight: dict[int, Inflight] = {}
@@ -266,7 +318,7 @@ class Session:
             self.broker._dirty.append(self)
 
     def queued(self) -> int:
-        return len(self.q0) + len(self.q1) + len(self.pending1)
+        return len(self.q0) + self.qs_n + len(self.q1) + len(self.pending1)
 
 
 class Broker:
@@ -287,6 +339,10 @@ class Broker:
         self.now = 0.0
         self.realms: dict[str, Realm] = {}
         self.sessions: dict[bytes, Session] = {}
+        self.by_sid: dict[int, Session] = {}
+        self.fanout: Fanout | None = None
+        self._pending: dict[int, PendingPub] = {}
+        self._next_seq = 1
         self._dirty: list[Session] = []
         self._stalled: list[Session] = []
         self._direct: list[tuple[bytes, bytes]] = []
@@ -428,6 +484,7 @@ class Broker:
         s = Session(self, identity, self._next_sid, realm, h.name, hb, now)
         self._next_sid += 1
         self.sessions[identity] = s
+        self.by_sid[s.sid] = s
         self.sessions_opened += 1
         s.reply(_enc((int(Code.WELCOME), rid, s.sid, self.welcome_limits(s))))
         return s
@@ -479,7 +536,8 @@ class Broker:
             prev = s.dedup.get(cmd.mid, None, now=self.now)
             if prev is not None:
                 self.duplicates += 1
-                s.reply(_enc((int(Code.PUBACK), cmd.mid, prev)))
+                if prev >= 0:  # else still pending at the shards: its PUBACK will come
+                    s.reply(_enc((int(Code.PUBACK), cmd.mid, prev)))
                 return
         targets = cache.get(topic)
         if targets is None:
@@ -503,6 +561,17 @@ class Broker:
                 ok = False
         if cmd.retain:
             ok = self._retain(realm, topic, payload, tail, qos) and ok
+        fan = self.fanout
+        if fan is not None:  # plain subscriptions are matched by the shards
+            if not qos:
+                fan.publish(realm.name, topic, tail, 0, 0)
+                return
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            self._pending[seq] = PendingPub(s, cmd.mid, msg, ok, len(targets))
+            s.dedup.put(cmd.mid, -1, now=self.now)
+            fan.publish(realm.name, topic, tail, 1, seq)
+            return
         if qos:
             reason = (
                 (PubackReason.OK if targets else PubackReason.NO_SUBSCRIBERS)
@@ -510,6 +579,55 @@ class Broker:
             )
             s.dedup.put(cmd.mid, int(reason), now=self.now)
             s.reply(_enc((int(Code.PUBACK), cmd.mid, int(reason))))
+
+    def deliver(self, sid: int, n: int, body: Any) -> None:
+        """A whole body of ``n`` QoS 0 EVENTs built by a shard for session ``sid``.
+
+        ``body`` is bytes or any buffer (a ``zmq.Frame``): when nothing else is queued for
+        the session it is sent exactly as it is, else its commands join the next body."""
+        s = self.by_sid.get(sid)
+        if s is None or s.closed:
+            self.drops["session_closed"] += n
+            return
+        qs = s.qs
+        bound = self.limits.max_queue_qos0
+        while qs and s.qs_n + n + len(s.q0) > bound:
+            k = qs.popleft()[0]  # drop the oldest, a chunk at a time
+            s.qs_n -= k
+            self.drops["qos0_queue_full"] += k
+        qs.append((n, body))
+        s.qs_n += n
+        self.messages_out += n
+        if not s.dirty:
+            s.dirty = True
+            self._dirty.append(s)
+
+    def finish_publish(self, seq: int, matched: int, targets: list[int]) -> None:
+        """Every shard answered QoS 1 PUBLISH ``seq``: ``matched`` subscriptions in all, and
+        ``targets`` = flat ``sid, sub_id`` pairs of those to deliver at QoS 1."""
+        pp = self._pending.pop(seq, None)
+        if pp is None:
+            return
+        ok = pp.ok
+        msg = pp.msg
+        by_sid = self.by_sid
+        for i in range(0, len(targets), 2):
+            s = by_sid.get(targets[i])
+            sub = s.subs_by_id.get(targets[i + 1]) if s is not None else None
+            if s is None or sub is None or s.closed or sub.group is not None:
+                continue  # gone (or unsubscribed) since the shard matched
+            if not s.offer(sub, msg, 1):
+                self.drops["qos1_queue_full"] += 1
+                ok = False
+        pub = pp.session
+        if pub.closed:
+            return
+        if ok:
+            reason = PubackReason.OK if matched + pp.targets else PubackReason.NO_SUBSCRIBERS
+        else:
+            reason = PubackReason.QUOTA_EXCEEDED
+        pub.dedup.put(pp.mid, int(reason), now=self.now)
+        pub.reply(_enc((int(Code.PUBACK), pp.mid, int(reason))))
 
     def _offer_group(self, g: Group, msg: Msg, qos: int) -> bool:
         members = g.members
@@ -550,6 +668,8 @@ class Broker:
         old = s.subs.get(flt)
         if old is not None:  # re-subscribe: MQTT replaces the subscription's options
             old.qos = cmd.qos
+            if self.fanout is not None and old.group is None:
+                self.fanout.subscribe(s, old)
             s.reply(_enc((int(Code.SUBACK), cmd.rid, old.sub_id, cmd.qos)))
             if shared is None:
                 self._send_retained(old)
@@ -568,8 +688,11 @@ class Broker:
         sub = Subscription(s, s.next_sub_id, flt, inner, cmd.qos, group)
         s.next_sub_id += 1
         s.subs[flt] = sub
+        s.subs_by_id[sub.sub_id] = sub
         if group is not None:
             group.members.append(sub)
+        elif self.fanout is not None:
+            self.fanout.subscribe(s, sub)
         else:
             realm.trie.add(inner, sub)
         s.reply(_enc((int(Code.SUBACK), cmd.rid, sub.sub_id, cmd.qos)))
@@ -589,7 +712,11 @@ class Broker:
     def _on_unsubscribe(self, s: Session, cmd: p.Unsubscribe) -> None:
         sub = s.subs.pop(cmd.filter, None)
         if sub is not None:
-            self._drop_sub(s.realm, sub)
+            del s.subs_by_id[sub.sub_id]
+            if sub.group is None and self.fanout is not None:
+                self.fanout.unsubscribe(s, sub)
+            else:
+                self._drop_sub(s.realm, sub)
         s.reply(_enc((int(Code.UNSUBACK), cmd.rid, sub is not None)))
 
     def _drop_sub(self, realm: Realm, sub: Subscription) -> None:
@@ -745,11 +872,16 @@ class Broker:
         if self.sessions.get(s.identity) is not s:
             return
         del self.sessions[s.identity]
+        self.by_sid.pop(s.sid, None)
         s.closed = True
         self.closed_by[code.name] = self.closed_by.get(code.name, 0) + 1
         realm = s.realm
+        fan = self.fanout
         for sub in s.subs.values():
-            self._drop_sub(realm, sub)
+            if fan is None or sub.group is not None:
+                self._drop_sub(realm, sub)
+        if fan is not None:
+            fan.session_closed(s)
         for reg in s.regs.values():
             self._drop_reg(realm, reg)
         for inv in list(s.invocations):  # this session was the provider
@@ -763,7 +895,7 @@ class Broker:
             if gone is not None:
                 gone.provider.invocations.discard(inv)
         # QoS 1 work for shared subscriptions goes to the group's other members
-        lost = len(s.q0)
+        lost = len(s.q0) + s.qs_n
         for item in [(f.sub, f.msg) for f in s.inflight.values()] + list(s.pending1):
             sub, msg = item
             if sub.group is not None and sub.group.members:
@@ -772,10 +904,13 @@ class Broker:
                 lost += 1
         self.drops["session_closed"] += lost
         s.q0.clear()
+        s.qs.clear()
+        s.qs_n = 0
         s.q1.clear()
         s.pending1.clear()
         s.inflight.clear()
         s.subs.clear()
+        s.subs_by_id.clear()
         s.regs.clear()
         if code not in (Err.PEER_GONE,):
             self._direct.append((s.identity, _enc(((int(Code.BYE), int(code), message),))))
@@ -851,8 +986,10 @@ class Broker:
         self._dirty = []
         return out
 
-    def next_body(self, s: Session) -> bytes | None:
-        """The next body to send to ``s`` (at most ``max_batch`` commands), or None."""
+    def next_body(self, s: Session) -> Any:
+        """The next body to send to ``s`` (at most ``max_batch`` commands), or None.
+
+        A body is ``bytes``, or a shard's body buffer passed on as it is (see ``deliver``)."""
         if s.closed:
             return None
         body = s.stalled_body
@@ -860,21 +997,36 @@ class Broker:
             s.stalled_body = None
             return body
         q1, q0 = s.q1, s.q0
-        n1, n0 = len(q1), len(q0)
-        if n1 + n0 == 0:
+        n1, n0, ns = len(q1), len(q0), s.qs_n
+        if n1 + n0 + ns == 0:
             s.dirty = False
             return None
         cap = self.limits.max_batch
-        if n1 + n0 <= cap:
-            items = list(q1)
+        qs = s.qs
+        if n1 + n0 == 0 and ns:  # a shard's body goes as it is
+            k, body = qs.popleft()
+            s.qs_n -= k
+            return body
+        if n1 + n0 + ns <= cap:
+            items: list[Any] = list(q1)
             items += q0
             q1.clear()
             q0.clear()
-        else:
-            take1 = min(n1, cap)
-            items = [q1.popleft() for _ in range(take1)]
-            items += [q0.popleft() for _ in range(min(n0, cap - take1))]
-        return p.array_header(len(items)) + b"".join(items)
+            if ns:
+                items += [_commands(k, c) for k, c in qs]
+                qs.clear()
+                s.qs_n = 0
+            return p.array_header(n1 + n0 + ns) + b"".join(items)
+        take1 = min(n1, cap)
+        items = [q1.popleft() for _ in range(take1)]
+        items += [q0.popleft() for _ in range(min(n0, cap - take1))]
+        count = len(items)
+        while qs and (count + qs[0][0] <= cap or count == 0):  # a shard's body is whole
+            k, body = qs.popleft()
+            s.qs_n -= k
+            items.append(_commands(k, body))
+            count += k
+        return p.array_header(count) + b"".join(items)
 
     def sent(self, s: Session) -> None:
         """The driver sent a body to ``s``: it is not stalled."""
@@ -910,13 +1062,19 @@ class Broker:
             "calls_ok_total": self.calls_ok,
             "calls_pending": len(self._calls),
             "inflight": sum(len(s.inflight) for s in sessions),
-            "queued_qos0": sum(len(s.q0) for s in sessions),
+            "queued_qos0": sum(len(s.q0) + s.qs_n for s in sessions),
             "queued_reliable": sum(len(s.q1) for s in sessions),
             "queued_pending_qos1": sum(len(s.pending1) for s in sessions),
             "stalled_sessions": sum(1 for s in sessions if s.stalled_since is not None),
             "drops_total": dict(self.drops),
             "errors_total": {k: v for k, v in self.errors.items() if v},
+            **({"shards": self.fanout.stats()} if self.fanout is not None else {}),
         }
+
+
+def _commands(n: int, body: Any) -> memoryview:
+    """The commands of a whole body of ``n`` commands: what follows its array header."""
+    return memoryview(body)[1 if n < 16 else 3 if n < 0x10000 else 5:]
 
 
 def _code_of(cmd: Any) -> int:
@@ -925,4 +1083,4 @@ def _code_of(cmd: Any) -> int:
     return tag if isinstance(tag, int) else 0
 
 
-__all__ = ["Broker", "Limits", "Msg", "Session", "Sink", "Subscription"]
+__all__ = ["Broker", "Fanout", "Limits", "Msg", "Session", "Sink", "Subscription"]

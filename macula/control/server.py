@@ -22,6 +22,10 @@ Thin glue around :class:`~macula.control.broker.Broker` (which holds all the log
   latency at low load).
 - **Time**: ``loop.time()`` is the ``now`` given to the broker; a timer calls
   ``broker.tick(now)`` every ``tick_interval`` seconds.
+- **Shards** (optional, ``macula.shards.ShardPool``): before each flush to clients the
+  driver flushes what the broker gave the shards during this iteration (one message per
+  shard), and each timer tick lets the pool restart a shard process that died. The pool
+  calls back ``flush_output`` after it handed the shards' EVENTs to the broker.
 - **Disconnects**: ZeroMQ does not tell a ROUTER when a peer goes. The driver records the
   socket file descriptor a new peer's first message came from (``zmq.SRCFD``), watches the
   socket monitor for ``EVENT_DISCONNECTED`` on that descriptor, then probes the identity
@@ -35,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import zmq
 import zmq.backend
@@ -49,6 +53,16 @@ _EMPTY_BODY = b"\x90"
 # methods they wrap do the same work in about half the time (~140 ns a frame).
 _raw_send: Any = getattr(zmq.backend.Socket, "send", None)
 _raw_recv: Any = getattr(zmq.backend.Socket, "recv", None)
+
+
+class ShardBus(Protocol):
+    """What the driver needs of a shard pool (``macula.shards.ShardPool``)."""
+
+    on_output: Any
+
+    def flush(self) -> None: ...
+
+    def check(self, now: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class ControlServer:
         burst: int = 512,
         burst_commands: int = 4096,
         io_threads: int = 1,
+        shards: ShardBus | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one control endpoint is needed")
@@ -87,6 +102,9 @@ class ControlServer:
         self.burst = burst
         self.burst_commands = burst_commands
         self.io_threads = io_threads
+        self.shards = shards
+        if shards is not None:
+            shards.on_output = self.flush_output
         self.send_errors = 0
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._sock: zmq.Socket[bytes] | None = None
@@ -223,6 +241,8 @@ class ControlServer:
             self._on_monitor()  # the FD is edge-triggered: never rely on it alone
         for ident in list(self._suspects):
             self._probe(ident, now)
+        if self.shards is not None:
+            self.shards.check(now)
         self.broker.tick(now)
         self._flush(now)
         self._recheck()
@@ -270,10 +290,17 @@ class ControlServer:
             self._suspects[ident] = tries
 
     # -- output ---------------------------------------------------------------------------
+    def flush_output(self, now: float) -> None:
+        """Send what the broker has queued (the shard pool calls this after a reply)."""
+        if self.running:
+            self._flush(now)
+
     def _flush(self, now: float) -> None:
         sock = self._sock
         assert sock is not None
         broker = self.broker
+        if self.shards is not None:
+            self.shards.flush()
         send = _raw_send.__get__(sock) if _raw_send is not None else sock.send
         more = zmq.SNDMORE | zmq.NOBLOCK
         for ident, direct in broker.take_direct():
