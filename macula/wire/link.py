@@ -608,17 +608,10 @@ class PeerLink:
 
     def send_nowait(self, kind: int, payload: bytes) -> bool:
         """Queue a one-way message; False (and a counted drop) if the send buffer is full."""
-        if self.closed:
-            raise LinkClosed(f"link closed: {self.close_reason}")
-        if self._enc.nbytes + self._inflight + self._resend_bytes >= self._limit:
-            self.endpoint.stats.drops["backpressure"] += 1
-            return False
-        self._enc.append((m.T_MSG, kind, payload))
-        if self._flush_handle is None:
-            self._schedule_flush()
-        elif self._enc.nbytes >= self.cfg.flush_bytes:
-            self._flush_now()
-        return True
+        if self._try_send(kind, payload):
+            return True
+        self.endpoint.stats.drops["backpressure"] += 1
+        return False
 
     async def send(self, kind: int, payload: bytes) -> None:
         """Queue a one-way message, waiting while the send buffer is full."""
