@@ -240,7 +240,9 @@ def test_slow_consumer_drops_are_counted_and_stuck_session_disconnected(
             st = n.stats()
             if st["sessions_closed_total"].get("SLOW_CONSUMER"):
                 break
-            pub.send([4, 1])
+            # keep `slow` blocked: without new traffic, what is left in its queue can fit in
+            # the socket buffers (kernel + ZeroMQ pipes) and it would no longer be stuck
+            pub.send([4, 1], [14, "big", payload])
             time.sleep(0.05)
         assert st["sessions_closed_total"] == {"SLOW_CONSUMER": 1}, st
         assert st["drops_total"]["qos0_queue_full"] > 0
