@@ -9,8 +9,10 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import shutil
 import ssl
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -127,16 +129,57 @@ def test_a_key_file_open_to_group_or_others_is_refused(tmp_path: Path, mode: int
     assert len(NodeIdentity.load_or_create(tmp_path).node_id) == 32
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root reads a mode-000 file anyway")
+def _load_error_as_nobody(directory: Path) -> str:
+    """Run load_or_create in a forked child that dropped root (uid/gid 65534); its error."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                NodeIdentity.load_or_create(directory)
+                message = "loaded"
+            except IdentityError as exc:
+                message = "IdentityError: " + str(exc)
+            os.write(write_end, message.encode())
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return out
+
+
 def test_an_unreadable_key_file_is_a_clear_error(tmp_path: Path) -> None:
-    NodeIdentity.load_or_create(tmp_path)
-    path = tmp_path / "node.key"
-    path.chmod(0o000)
+    if not IS_ROOT:
+        NodeIdentity.load_or_create(tmp_path)
+        path = tmp_path / "node.key"
+        path.chmod(0o000)
+        try:
+            with pytest.raises(IdentityError, match="cannot read node key"):
+                NodeIdentity.load_or_create(tmp_path)
+        finally:
+            path.chmod(0o600)
+        return
+    # As root a mode-000 file stays readable: test it from a process that is not root, in a
+    # directory that process may enter (pytest's tmp_path is private to root).
+    directory = Path(tempfile.mkdtemp(prefix="macula-unreadable-"))
     try:
-        with pytest.raises(IdentityError, match="cannot read node key"):
-            NodeIdentity.load_or_create(tmp_path)
+        directory.chmod(0o755)
+        NodeIdentity.load_or_create(directory)
+        path = directory / "node.key"
+        path.chmod(0o000)
+        message = _load_error_as_nobody(directory)
+        assert message.startswith("IdentityError: cannot read node key"), message
+        assert str(path) in message
     finally:
-        path.chmod(0o600)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _write_key_file(directory: Path, data: bytes) -> Path:
