@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -29,43 +29,18 @@ from macula.control.broker import Limits
 from macula.node import NodeThread
 from macula.shards.worker import Shard
 from tests.models.trie_model import matches
+from tests.test_control_node import Raw as _RawBase
+from tests.test_control_node import is_
 
 SIG = p.SIGNATURE
 
 
-class Raw:
-    """A hand-written MCP/1 client on a DEALER socket."""
+class Raw(_RawBase):
+    """The control-plane tests' hand-written MCP/1 client, plus what the shard tests need."""
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.backlog: list[Any] = []
+        super().__init__(ctx, endpoint)
         self.sid = 0
-
-    def send(self, *cmds: list[Any]) -> None:
-        self.sock.send_multipart([SIG, p.encode(list(cmds))])
-
-    def recv(self, timeout: float = 5.0) -> list[Any] | None:
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        frames = self.sock.recv_multipart()
-        assert frames[0] == SIG and len(frames) == 2
-        return list(p.decode_node_body(frames[1]))
-
-    def until(self, pred: Callable[[Any], bool], timeout: float = 10.0) -> list[Any]:
-        """Commands received until one satisfies ``pred`` (included); fails on timeout."""
-        seen: list[Any] = []
-        while True:
-            if not self.backlog:
-                got = self.recv(timeout)
-                assert got is not None, f"timed out; received so far: {seen}"
-                self.backlog = got
-            while self.backlog:
-                c = self.backlog.pop(0)
-                seen.append(c)
-                if pred(c):
-                    return seen
 
     def drain(self, seconds: float) -> list[Any]:
         """Everything received within ``seconds``."""
@@ -77,23 +52,13 @@ class Raw:
                 out += got
         return out
 
-    def hello(self) -> Raw:
-        self.send([1, 1, "r", "raw", "", 60_000])
-        w = self.until(lambda c: True)[-1]
-        assert isinstance(w, p.Welcome), w
-        self.sid = w.session_id
+    def hello(self) -> Raw:  # type: ignore[override]
+        self.sid = super().hello().session_id
         return self
 
     def subscribe(self, flt: str, qos: int = 0) -> int:
         self.send([10, 1, flt, qos])
         return int(self.until(is_(p.Suback))[-1].sub_id)
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-
-def is_(tp: type[Any], **fields: Any) -> Callable[[Any], bool]:
-    return lambda c: isinstance(c, tp) and all(getattr(c, k) == v for k, v in fields.items())
 
 
 @pytest.fixture
