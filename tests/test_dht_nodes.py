@@ -36,7 +36,7 @@ from macula.wire import NodeIdentity, RemoteError, WireConfig, WireHandler
 ROOT = Path(__file__).resolve().parent.parent
 N = 20
 WIRE = WireConfig(dial_timeout=1.0, redial_attempts=1, max_datagram_size=16384)
-CFG = DhtConfig(query_timeout=1.0, evict_after=2)
+CFG = DhtConfig(query_timeout=2.0, evict_after=2)  # generous: CI machines can be busy
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 50.0) -> Any:

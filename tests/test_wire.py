@@ -527,7 +527,10 @@ async def test_a_graceful_peer_shutdown_fails_pending_requests_promptly(tmp_path
         link = await a.pool.get(peer.node_id, ("127.0.0.1", peer.port))
         assert await link.request(1, b"ab") == b"ba"
         peer.stop()  # SIGTERM: the peer closes its connections with CLOSE_SHUTDOWN
-        await asyncio.sleep(0.2)
+        for _ in range(100):  # wait for the close to arrive (a loaded machine is slow)
+            if a.stats.closes_remote["shutdown"]:
+                break
+            await asyncio.sleep(0.05)
         assert a.stats.closes_remote["shutdown"] == 1
         assert not link.is_open
         with pytest.raises(DialError):
