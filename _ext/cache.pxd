@@ -58,5 +58,6 @@ cdef class TTLCache:
     cdef _Lane _lane_for(self, double ttl)
     cdef void _drop_lane_if_empty(self, _Lane lane) noexcept
     cdef int _remove(self, _Entry e) except -1
+    cdef _Entry _live(self, object key, double t)
     cdef int _evict_lru(self) except -1
     cdef _Entry _earliest(self)

@@ -336,6 +336,19 @@ cdef class TTLCache:
         self._drop_lane_if_empty(lane)
         return 0
 
+    cdef _Entry _live(self, object key, double t):
+        """The entry of ``key`` unless absent or expired at ``t`` (an expired entry is removed
+        and counted in ``expirations``); no LRU move, not a hit or a miss."""
+        cdef PyObject* p = PyDict_GetItemWithError(self._map, key)
+        if p == NULL:
+            return None
+        e = <_Entry>p
+        if t >= e.deadline:
+            self._remove(e)
+            self._expirations += 1
+            return None
+        return e
+
     cdef int _evict_lru(self) except -1:
         victim = <_Entry>self._root.next
         self._remove(victim)
@@ -483,16 +496,7 @@ cdef class TTLCache:
         is removed and counted in ``expirations``). Not a hit or a miss; no LRU move."""
         if self._busy:
             raise _reentry("__contains__")
-        cdef double t = self._time(None)
-        cdef PyObject* p = PyDict_GetItemWithError(self._map, key)
-        if p == NULL:
-            return False
-        e = <_Entry>p
-        if t >= e.deadline:
-            self._remove(e)
-            self._expirations += 1
-            return False
-        return True
+        return self._live(key, self._time(None)) is not None
 
     def ttl(self, key, *, now=None):
         """Seconds ``key`` has left to live (``deadline - now``; ``inf`` for a never-expiring
@@ -501,15 +505,8 @@ cdef class TTLCache:
         if self._busy:
             raise _reentry("ttl")
         cdef double t = self._time(now)
-        cdef PyObject* p = PyDict_GetItemWithError(self._map, key)
-        if p == NULL:
-            return None
-        e = <_Entry>p
-        if t >= e.deadline:
-            self._remove(e)
-            self._expirations += 1
-            return None
-        return e.deadline - t
+        e = self._live(key, t)
+        return None if e is None else e.deadline - t
 
     def expire(self, now=None, budget=DEFAULT_EXPIRE_BUDGET):
         """Remove up to ``budget`` expired entries (an int >= 0), earliest deadline first

@@ -523,11 +523,12 @@ def test_shell_reports_an_absent_node() -> None:
 def test_readme_using_a_node_example_runs_as_written(node: NodeThread) -> None:
     import contextlib
     import io
-    import re
+
+    from tests.test_readme import python_blocks
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Using a node", 1)[1].split("\n## ", 1)[0]
-    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (block,) = python_blocks(section)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(block.replace("tcp://127.0.0.1:5555", node.endpoint), "README", "exec"),

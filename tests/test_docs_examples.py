@@ -6,16 +6,13 @@ import contextlib
 import io
 from pathlib import Path
 
+from tests.test_readme import python_blocks
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _python_blocks(path: Path) -> list[str]:
-    text = path.read_text()
-    return [block.split("```")[0] for block in text.split("```python\n")[1:]]
-
-
 def test_wire_example_runs_and_delivers() -> None:
-    blocks = _python_blocks(ROOT / "docs" / "WIRE.md")
+    blocks = python_blocks((ROOT / "docs" / "WIRE.md").read_text(encoding="utf-8"))
     assert blocks, "docs/WIRE.md lost its example"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -9,8 +9,9 @@ from typing import Any
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+def python_blocks(text: str) -> list[str]:
+    """The ```python blocks of a Markdown text (the README, docs/*.md)."""
+    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 def test_readme_starts_with_the_two_commands() -> None:
@@ -26,7 +27,7 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 
 def test_readme_example_runs_and_its_comments_hold() -> None:
-    blocks = _python_blocks()
+    blocks = python_blocks(README.read_text(encoding="utf-8"))
     assert blocks, "the README has a python example"
     scope: dict[str, Any] = {}
     exec(compile(blocks[0], str(README), "exec"), scope)

@@ -214,9 +214,8 @@ async def run_client_async(case: Case, cfg: WireConfig) -> dict[str, float]:
         if case.kind == "handshake":
             return await _handshake(ep, server_id, case, cfg)
         link = await ep.pool.get(server_id, (cfg.host, cfg.port))
-        for conn in [link._conn]:
-            if conn is not None:
-                _set_udp_buffer(conn._transport, cfg)
+        if link._conn is not None:
+            _set_udp_buffer(link._conn._transport, cfg)
         if case.kind == "throughput":
             return await _throughput(ep, link, h, case, cfg)
         if case.kind == "echo":

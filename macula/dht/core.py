@@ -661,17 +661,26 @@ class DhtCore:
         self._advance(lk, now)
         return lk
 
-    def _merge(self, lk: _Lookup, contacts: list[Contact], depth: int) -> None:
-        entries = lk.entries
-        cands = lk.cands
-        tint = lk.tint
+    def _shortlist_add(self, entries: dict[bytes, _Entry], cands: list[tuple[int, bytes]],
+                       target: int, contacts: list[Contact], depth: int) -> int | None:
+        """Add the contacts not seen yet (nor this node, nor undiallable ones) to a lookup's
+        or store walk's shortlist, kept sorted by distance to ``target``; the smallest
+        distance added (None: nothing new)."""
         own = self.node_id
+        nearest: int | None = None
         for c in contacts:
             nid = c.node_id
             if nid in entries or nid == own or c.port == 0:
                 continue
             entries[nid] = _Entry(c, depth)
-            bisect.insort(cands, (int.from_bytes(nid, "big") ^ tint, nid))
+            d = int.from_bytes(nid, "big") ^ target
+            bisect.insort(cands, (d, nid))
+            if nearest is None or d < nearest:
+                nearest = d
+        return nearest
+
+    def _merge(self, lk: _Lookup, contacts: list[Contact], depth: int) -> None:
+        self._shortlist_add(lk.entries, lk.cands, lk.tint, contacts, depth)
 
     def _lookup_reply(self, lk: _Lookup, q: _Query, msg: Any, now: float) -> None:
         lk.inflight -= 1
@@ -811,21 +820,8 @@ class DhtCore:
 
     def _walk_merge(self, op: _StoreOp, contacts: list[Contact]) -> bool:
         """Add new contacts to the shortlist; True if one of them is among the k closest."""
-        entries = op.entries
-        cands = op.cands
-        kint = op.kint
-        edge = op.edge
-        closer = False
-        for c in contacts:
-            nid = c.node_id
-            if nid in entries or c.port == 0 or nid == self.node_id:
-                continue
-            entries[nid] = _Entry(c, 0)
-            d = int.from_bytes(nid, "big") ^ kint
-            bisect.insort(cands, (d, nid))
-            if edge < 0 or d < edge:
-                closer = True
-        return closer
+        nearest = self._shortlist_add(op.entries, op.cands, op.kint, contacts, 0)
+        return nearest is not None and (op.edge < 0 or nearest < op.edge)
 
     def _walk_reply(self, op: _StoreOp, q: _Query, msg: Any, now: float) -> None:
         nid = q.contact.node_id

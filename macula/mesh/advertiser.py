@@ -65,7 +65,6 @@ class _Record:
     filters: Counter[str] = field(default_factory=Counter)
     dirty: bool = True
     put_at: float = float("-inf")  # when it was last put
-    retired: bool = False  # empty record already put: leave it to expire
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ class Advertiser:
         rec = self._records.setdefault((realm, anchor), _Record())
         rec.filters[filter] += 1
         if rec.filters[filter] == 1:
-            rec.dirty, rec.retired = True, False
+            rec.dirty = True
 
     def unsubscribe(self, realm: str, filter: str) -> None:
         anchor = filter_anchor(filter)
@@ -128,8 +127,6 @@ class Advertiser:
         """The records to put now (changed ones, debounced; due republishes)."""
         out: list[Put] = []
         for (realm, anchor), rec in list(self._records.items()):
-            if rec.retired and not rec.filters:
-                continue
             changed = rec.dirty and now - rec.put_at >= self.min_interval
             due = not rec.dirty and rec.filters and now - rec.put_at >= self.republish_every
             if not (changed or due):
@@ -139,8 +136,7 @@ class Advertiser:
                 self.counters["overflowing_records"] += 1
             out.append(Put(realm, anchor, encode_advert(adv), self.record_ttl))
             rec.put_at, rec.dirty = now, False
-            if not rec.filters:
-                rec.retired = True
+            if not rec.filters:  # the empty record went out once: now left to expire
                 del self._records[(realm, anchor)]
             self.counters["puts"] += 1
         return out

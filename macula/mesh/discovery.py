@@ -81,6 +81,16 @@ class _Anchor:
 
 
 @dataclass
+class _Route:
+    """A topic's targets, valid while its anchors keep the generations they had."""
+
+    anchors: list[str]
+    generations: tuple[int, ...]
+    targets: set[bytes]
+    refresh_at: float  # when the first of its anchors is due for a background refresh
+
+
+@dataclass
 class _Pending(Generic[T]):
     items: deque[T]
     missing: set[str]
@@ -137,27 +147,22 @@ class Discovery(Generic[T]):
         missing anchors are known. Either way, ``take_lookups()`` then holds the anchors
         to look up now (missing ones, and stale ones for a background refresh).
         """
-        anchors = topic_anchors(topic)
-        entry = self._routes.get(topic, None, now=now)
-        if entry is not None:
-            gens, targets, refresh_at = entry
-            if self._generations(anchors) == gens:
-                self.counters["routes_hit"] += 1
-                if now >= refresh_at:
-                    self._refresh_stale(anchors, now)
-                    self._routes.put(topic, (gens, targets, self._refresh_at(anchors)),
-                                     now=now)
-                return targets, [item]
+        r: _Route | None = self._routes.get(topic, None, now=now)
+        if r is not None and self._generations(r.anchors) == r.generations:
+            self.counters["routes_hit"] += 1
+            if now >= r.refresh_at:
+                self._refresh_stale(r.anchors, now)
+                r.refresh_at = self._refresh_at(r.anchors)
+                self._routes.put(topic, r, now=now)
+            return r.targets, [item]
         self.counters["routes_miss"] += 1
+        anchors = topic_anchors(topic)
         missing = {a for a in anchors if not self._known(a, now)}
         self._refresh_stale(anchors, now)
         if missing:
             self._queue(topic, item, missing)
             return None
-        targets = self._compute(topic, anchors)
-        self._routes.put(topic, (self._generations(anchors), targets, self._refresh_at(anchors)),
-                         now=now)
-        return targets, [item]
+        return self._new_route(topic, anchors, now).targets, [item]
 
     def endpoint_of(self, node_id: bytes) -> tuple[str, int] | None:
         """The endpoint a node advertised (any anchor); None if unknown or client mode."""
@@ -214,10 +219,10 @@ class Discovery(Generic[T]):
     def prune(self, topic: str, node_id: bytes, now: float) -> None:
         """``node_id`` said it has no subscriber for ``topic`` any more: stop sending it
         this topic until the anchors' answers change."""
-        entry = self._routes.get(topic, None, now=now)
-        if entry is not None and node_id in entry[1]:
-            gens, targets, refresh_at = entry
-            self._routes.put(topic, (gens, targets - {node_id}, refresh_at), now=now)
+        r: _Route | None = self._routes.get(topic, None, now=now)
+        if r is not None and node_id in r.targets:
+            r.targets = r.targets - {node_id}  # a new set: released lists keep theirs
+            self._routes.put(topic, r, now=now)
             self.counters["pruned"] += 1
 
     # -- internals ------------------------------------------------------------------------
@@ -257,6 +262,16 @@ class Discovery(Generic[T]):
             self.counters["lookups_started"] += 1
             self._to_lookup.append(name)
 
+    def _new_route(self, topic: str, anchors: list[str], now: float) -> _Route:
+        targets: set[bytes] = set()
+        for name in anchors:
+            a = self._anchors.get(name)
+            if a is not None and len(a.trie):
+                targets.update(a.trie.match(topic))
+        r = _Route(anchors, self._generations(anchors), targets, self._refresh_at(anchors))
+        self._routes.put(topic, r, now=now)
+        return r
+
     def _refresh_at(self, anchors: list[str]) -> float:
         """When the first of these anchors' answers becomes due for a refresh."""
         due = float("inf")
@@ -272,14 +287,6 @@ class Discovery(Generic[T]):
         them back at publish time)."""
         for p in self._pending.values():
             self._refresh_stale(sorted(p.missing), now)
-
-    def _compute(self, topic: str, anchors: list[str]) -> set[bytes]:
-        targets: set[bytes] = set()
-        for name in anchors:
-            a = self._anchors.get(name)
-            if a is not None and len(a.trie):
-                targets.update(a.trie.match(topic))
-        return targets
 
     def _queue(self, topic: str, item: T, missing: set[str]) -> None:
         p = self._pending.get(topic)
@@ -311,11 +318,7 @@ class Discovery(Generic[T]):
             if p.missing:
                 continue
             del self._pending[topic]
-            anchors = topic_anchors(topic)
-            targets = self._compute(topic, anchors)
-            self._routes.put(
-                topic, (self._generations(anchors), targets, self._refresh_at(anchors)), now=now
-            )
+            targets = self._new_route(topic, topic_anchors(topic), now).targets
             items = list(p.items)
             self._pending_count -= len(items)
             self.counters["pending_released"] += len(items)

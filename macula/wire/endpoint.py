@@ -180,17 +180,6 @@ class LinkPool:
         await link.connected()
         return link
 
-    async def send(self, peer_id: bytes, addr: tuple[str, int] | None, kind: int,
-                   payload: bytes) -> None:
-        """Reliable one-way send (dials if needed; waits for room)."""
-        link = self.link(peer_id, addr)
-        await link.send(kind, payload)
-
-    async def request(self, peer_id: bytes, addr: tuple[str, int] | None, kind: int,
-                      payload: bytes, timeout: float | None = None) -> bytes:
-        link = self.link(peer_id, addr)
-        return await link.request(kind, payload, timeout)
-
     # -- bounds ---------------------------------------------------------------------------
 
     def _make_room(self) -> None:

@@ -39,7 +39,7 @@ import contextlib
 import inspect
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -280,15 +280,8 @@ class _Conn(QuicConnectionProtocol):
         link = self.link
         if link is not None and link._conn is self:
             link._inflight = self.written - acked if batches else 0
-        if batches:
-            self.first_unacked_at = max(self.first_unacked_at, self.last_rx)
-        else:
+        if not batches:
             self.first_unacked_at = 0.0
-
-    def unacked_bytes(self) -> int:
-        if self.stream_id is None:
-            return 0
-        return self.written - _stream_acked(self._quic, self.stream_id)
 
     def unacked_batches(self) -> list[tuple[bytes, list[int] | None]]:
         self.trim()
@@ -578,10 +571,6 @@ class PeerLink:
     def is_open(self) -> bool:
         return self._conn is not None and self._conn.state == OPEN
 
-    @property
-    def peer_listen(self) -> tuple[str, int] | None:
-        return self.addr
-
     def buffered(self) -> int:
         """Bytes queued or sent but not acknowledged (the send buffer's fill; the
         acknowledged part is accounted as ACKs arrive)."""
@@ -616,9 +605,7 @@ class PeerLink:
     async def send(self, kind: int, payload: bytes) -> None:
         """Queue a one-way message, waiting while the send buffer is full."""
         while not self._try_send(kind, payload):
-            fut: asyncio.Future[None] = self._loop.create_future()
-            self._room_waiters.append((self.cfg.send_buffer, fut))
-            await fut
+            await self.drain(self._limit)
 
     def _try_send(self, kind: int, payload: bytes) -> bool:
         if self.closed:
@@ -629,7 +616,7 @@ class PeerLink:
         if self._flush_handle is None:
             self._schedule_flush()
         elif self._enc.nbytes >= self.cfg.flush_bytes:
-            self._flush_now()
+            self._write_out()
         return True
 
     async def request(self, kind: int, payload: bytes, timeout: float | None = None) -> bytes:
@@ -643,10 +630,8 @@ class PeerLink:
         if len(self._pending) >= self.cfg.max_pending_requests:
             self.endpoint.stats.drops["too_many_requests"] += 1
             raise LinkError(f"{len(self._pending)} requests already in flight on this link")
-        while self.buffered() >= self.cfg.send_buffer:
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._room_waiters.append((self.cfg.send_buffer, waiter))
-            await waiter
+        while self.buffered() >= self._limit:
+            await self.drain(self._limit)
         rid = self._next_rid
         self._next_rid = rid + 1
         fut: asyncio.Future[bytes] = self._loop.create_future()
@@ -678,11 +663,6 @@ class PeerLink:
             self._flush_handle = self._loop.call_soon(self._flush)
         else:
             self._flush_handle = self._loop.call_later(delay, self._flush)
-
-    def _flush_now(self) -> None:
-        # A scheduled flush stays scheduled: it finds nothing (or what came after) to write,
-        # which is cheaper than cancelling and re-scheduling a handle per explicit flush.
-        self._write_out()
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -723,9 +703,9 @@ class PeerLink:
                 waiters.append((below, fut))
 
     def flush(self) -> None:
-        """Write what is queued now, instead of at the end of this loop iteration."""
-        if self._enc.nbytes or self._resend:
-            self._flush_now()
+        """Write what is queued now, instead of at the end of this loop iteration (a
+        scheduled flush stays scheduled: cheaper than cancelling and re-scheduling it)."""
+        self._write_out()
 
     async def drain(self, below: int | None = None) -> None:
         """Wait until the send buffer holds fewer than ``below`` bytes (default: half of
@@ -811,6 +791,8 @@ class PeerLink:
         old = self._conn
         conn.link = self
         self._conn = conn
+        if conn.realm is not None:
+            self.realm = conn.realm
         if conn.peer_listen is not None and self.addr is None:
             self.addr = conn.peer_listen
         if old is not None and old.state != CLOSED:
@@ -829,7 +811,7 @@ class PeerLink:
                 fut.set_result(None)
         self._connect_waiters.clear()
         if self._enc.nbytes or self._resend:
-            self._flush_now()
+            self._write_out()
         self.endpoint.handler.on_link_up(self)
 
     def _conn_lost(self, conn: _Conn, code: int, reason: str) -> None:
@@ -931,12 +913,12 @@ class PeerLink:
         cfg = self.cfg
         if conn.batches:
             conn.trim()
+        # waiting for an answer since: the oldest unacknowledged write or the PING, unless
+        # the peer was heard from later
         since = 0.0
-        if conn.batches:
-            since = max(conn.first_unacked_at, conn.last_rx)
-        if self._ping_sent_at:
-            since = max(since, self._ping_sent_at, conn.last_rx) if since else max(
-                self._ping_sent_at, conn.last_rx)
+        if conn.batches or self._ping_sent_at:
+            since = max(conn.first_unacked_at if conn.batches else 0.0, self._ping_sent_at,
+                        conn.last_rx)
         if since and now - since > cfg.dead_after:
             self.endpoint.stats.dead_peers += 1
             self._ping_sent_at = 0.0
@@ -965,7 +947,7 @@ class PeerLink:
         if self.closed:
             return
         if self.is_open and (self._enc.nbytes or self._resend):
-            self._flush_now()
+            self._write_out()
         self.closed = True
         self.close_reason = reason
         if self._dial_task is not None:
@@ -982,5 +964,3 @@ class PeerLink:
         with contextlib.suppress(Exception):
             self.endpoint.handler.on_link_down(self, code, reason)
 
-
-Callback = Callable[[PeerLink, int, bytes], None]
