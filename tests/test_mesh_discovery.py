@@ -111,6 +111,17 @@ def test_a_changed_answer_changes_the_route_at_once() -> None:
     assert d.route("t", "m", now=1.6)[0] == {B}  # type: ignore[index]
 
 
+def test_nodes_swapping_filters_change_the_route() -> None:
+    d: Discovery[str] = Discovery(self_id=ME, refresh_after=1.0, min_interval=0.5)
+    d.route("t/x", "m", now=0)
+    _answer(d, 0, {"t": [Advert(A, ("h", 1), ("t/+",)), Advert(B, ("h", 2), ("t/y",))]})
+    assert d.route("t/x", "m", now=0.5)[0] == {A}  # type: ignore[index]
+    assert d.route("t/x", "m", now=1.5)[0] == {A}  # type: ignore[index]  # refresh starts
+    # the same two filters, held by the other node each
+    _answer(d, 1.5, {"t": [Advert(A, ("h", 1), ("t/y",)), Advert(B, ("h", 2), ("t/+",))]})
+    assert d.route("t/x", "m", now=1.6)[0] == {B}  # type: ignore[index]
+
+
 def test_prune_drops_a_node_until_the_anchor_changes() -> None:
     d: Discovery[str] = Discovery(self_id=ME, refresh_after=10, min_interval=10)
     d.route("t", "m", now=0)

@@ -74,6 +74,9 @@ class Advert:
 class _Anchor:
     trie: TopicTrie = field(default_factory=TopicTrie)
     endpoints: dict[bytes, tuple[str, int] | None] = field(default_factory=dict)
+    # what the answer said, node by node: its endpoint and its (valid) filters here
+    answer: dict[bytes, tuple[tuple[str, int] | None, frozenset[str]]] = field(
+        default_factory=dict)
     known_at: float | None = None  # when the current answer arrived (None: never)
     looked_at: float = float("-inf")  # when the last lookup started
     in_flight: bool = False
@@ -187,21 +190,26 @@ class Discovery(Generic[T]):
         a = self._anchor(anchor)
         a.in_flight = False
         trie = TopicTrie()
-        endpoints: dict[bytes, tuple[str, int] | None] = {}
+        answer: dict[bytes, tuple[tuple[str, int] | None, frozenset[str]]] = {}
         for adv in adverts:
             if adv.node_id == self.self_id:
                 continue
+            kept: set[str] = set()
             for f in adv.filters:
                 try:
                     if filter_anchor(f) != anchor:
                         continue  # a record that does not belong here: ignored
                     shared = parse_shared(f)
                     trie.add(shared[1] if shared else f, adv.node_id)
+                    kept.add(f)
                 except (ValueError, TypeError):
                     continue  # garbage from a peer does not poison the cache
-            endpoints[adv.node_id] = adv.endpoint
-        changed = a.known_at is None or endpoints != a.endpoints or set(trie) != set(a.trie)
-        a.trie, a.endpoints, a.known_at = trie, endpoints, now
+            answer[adv.node_id] = (adv.endpoint, frozenset(kept))
+        # routes depend on which node has which filter: compare that, not the filter set
+        # alone (two nodes swapping filters leaves it the same)
+        changed = a.known_at is None or answer != a.answer
+        a.trie, a.answer, a.known_at = trie, answer, now
+        a.endpoints = {nid: ep for nid, (ep, _) in answer.items()}
         if changed:
             a.generation += 1
         return self._release(anchor, now)
