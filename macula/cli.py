@@ -67,7 +67,25 @@ def _cmd_node(args: argparse.Namespace) -> int:
         config.endpoints = list(args.endpoint)
     if args.metrics_port is not None:
         config.metrics_port = args.metrics_port
-    return asyncio.run(run(config))
+    for opt in ("mesh_port", "mesh_host", "mesh_advertise", "data_dir", "shards"):
+        value = getattr(args, opt)
+        if value is not None:
+            setattr(config, opt, value)
+    if args.seed:
+        config.seeds = list(args.seed)
+    if args.client_mode:
+        config.client_mode = True
+    try:
+        return asyncio.run(run(config))
+    except ValueError as exc:
+        print(f"macula node: bad configuration: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from macula.demo import main as demo_main
+
+    return demo_main(list(args.rest))
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -184,7 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--metrics-port", type=int, help="metrics HTTP port (0: any free port, -1: off)"
     )
+    node.add_argument("--mesh-port", type=int,
+                      help="QUIC port of the mesh (default 4433; 0: any free port; -1: no mesh)")
+    node.add_argument("--mesh-host", help="address the mesh listens on (default 127.0.0.1)")
+    node.add_argument("--mesh-advertise", help="host:port other nodes dial (default: listen)")
+    node.add_argument("--seed", action="append",
+                      help="host:port of a node to join the mesh through (repeatable)")
+    node.add_argument("--client-mode", action="store_true",
+                      help="do not listen: dial out only (behind NAT / firewalls)")
+    node.add_argument("--data-dir", help="directory of the node's key (default: temporary)")
+    node.add_argument("--shards", type=int,
+                      help="delivery shard processes (default: the cores; 0: in the node)")
     node.set_defaults(func=_cmd_node)
+    demo = sub.add_parser("demo", help="run a 3-node mesh on loopback with live figures",
+                          add_help=False)
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    demo.set_defaults(func=_cmd_demo)
     pub = sub.add_parser("pub", help="publish a message (or each line of stdin)")
     pub.add_argument("topic")
     pub.add_argument("message", nargs="?", help="payload (UTF-8); omitted: read stdin lines")

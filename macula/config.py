@@ -14,10 +14,11 @@ layout::
     [limits]            # any field of macula.control.broker.Limits
     max_sessions = 5000
 
-Environment: ``MACULA_ENDPOINTS`` (comma-separated), ``MACULA_REALMS`` (``name=secret,...``),
-``MACULA_<FIELD>`` for every other top-level field and every limit (``MACULA_METRICS_PORT``,
-``MACULA_MAX_SESSIONS``, ``MACULA_ACK_TIMEOUT``...). Unknown keys and values of the wrong type
-raise ``ValueError`` naming them: a typo never silently falls back to a default.
+Environment: ``MACULA_ENDPOINTS`` and ``MACULA_SEEDS`` (comma-separated), ``MACULA_REALMS``
+(``name=secret,...``), ``MACULA_<FIELD>`` for every other top-level field and every limit
+(``MACULA_METRICS_PORT``, ``MACULA_MAX_SESSIONS``, ``MACULA_ACK_TIMEOUT``...). Unknown keys
+and values of the wrong type raise ``ValueError`` naming them: a typo never silently falls
+back to a default.
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ class NodeConfig:
     tick_interval: float = 0.05
     io_threads: int = 1
     shards: int = field(default_factory=default_shards)
+    # the mesh (docs/MESH.md): QUIC between nodes, the DHT, pub/sub and RPC across nodes
+    mesh_host: str = "127.0.0.1"
+    mesh_port: int = 4433  # UDP port of the QUIC endpoint; 0: ephemeral; -1: no mesh
+    mesh_advertise: str = ""  # "host:port" other nodes dial (default mesh_host:mesh_port)
+    seeds: list[str] = field(default_factory=list)  # "host:port" of nodes to join through
+    client_mode: bool = False  # dial out only; reachable through the links this node opens
+    data_dir: str = ""  # holds node.key (the identity); "": a temporary one per run
+    mesh_network: str = "macula"  # nodes admit only peers of the same network name
+    mesh_secret: str = ""  # and, if set, the same network secret
+    mesh_cache_ttl: float = 60.0  # subscriber cache: how long a discovery answer is used
+    mesh_min_interval: float = 1.0  # at most one DHT lookup per anchor per interval
+    mesh_record_ttl: float = 300.0  # TTL of this node's records in the DHT
+    mesh_ack_timeout: float = 1.0  # QoS 1 between nodes: re-send after this long
+    mesh_max_attempts: int = 5  # QoS 1 between nodes: sends per message per node
+    mesh_max_pending: int = 100_000  # messages waiting for discovery (oldest dropped)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -107,8 +123,8 @@ class NodeConfig:
             if not name.startswith("MACULA_") or name == "MACULA_CONFIG":
                 continue
             key = name[len("MACULA_"):].lower()
-            if key == "endpoints":
-                cfg.endpoints = [e.strip() for e in raw.split(",") if e.strip()]
+            if key in ("endpoints", "seeds"):
+                setattr(cfg, key, [e.strip() for e in raw.split(",") if e.strip()])
             elif key == "realms":
                 cfg.realms = dict(_realm_pair(item) for item in raw.split(",") if item.strip())
             elif key in _TOP:
@@ -164,3 +180,12 @@ def _parse(name: str, default: Any, raw: str) -> Any:
 def _realm_pair(item: str) -> tuple[str, str]:
     name, _, secret = item.strip().partition("=")
     return name, secret
+
+
+def host_port(value: str, what: str = "address") -> tuple[str, int]:
+    """``"host:port"`` (``"[v6]:port"`` too) as a pair; ValueError naming ``what``."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what}: expected host:port, got {value!r}")
+    return host, int(port)

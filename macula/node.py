@@ -1,8 +1,11 @@
 """The composition root: one node built from a :class:`~macula.config.NodeConfig`.
 
-Today a node is the control plane (broker + ZeroMQ driver) and its metrics endpoint; the
-mesh (QUIC links, DHT) will join here as further components whose remote subscriptions are
-sinks beside the local sessions (see ``macula.control.broker.Sink``).
+A node is the control plane (broker + ZeroMQ driver, optionally delivery shards), the mesh
+(``macula.mesh.service.Mesh``: QUIC endpoint, DHT, pub/sub and RPC across nodes; off with
+``mesh_port = -1``) and the metrics endpoint, all on one asyncio loop. The broker calls the
+mesh for every local PUBLISH, (un)subscription, registration and remote CALL
+(``Broker.mesh``); the mesh hands messages from other nodes to the broker
+(``Broker.inject``) and asks the control driver to flush afterwards.
 
 - :class:`Node`: ``await node.start()`` / ``await node.stop()`` on a running loop.
 - :func:`run`: what ``macula node`` does: start, print one ready line, stop cleanly on
@@ -14,17 +17,22 @@ sinks beside the local sessions (see ``macula.control.broker.Sink``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from macula.config import NodeConfig
+from macula.config import NodeConfig, host_port
 from macula.control.broker import Broker
 from macula.control.server import ControlServer, CurveSettings
+from macula.mesh.service import Mesh, MeshConfig
 from macula.metrics import MetricsServer, make_registry
 from macula.shards.pool import ShardPool
+from macula.wire import NodeIdentity
 
 
 class Node:
@@ -54,6 +62,11 @@ class Node:
             io_threads=config.io_threads,
             shards=self.shards,
         )
+        self.mesh: Mesh | None = None
+        self._tmp_dir: str | None = None
+        if config.mesh_port >= 0 or config.client_mode:
+            self.mesh = self._make_mesh(config)
+            self.broker.mesh = self.mesh
         self.registry = make_registry(self.broker.stats)
         self.metrics: MetricsServer | None = None
         if config.metrics_port >= 0:
@@ -61,6 +74,45 @@ class Node:
                 self.registry, config.metrics_host, config.metrics_port, self.ready
             )
         self._stopping = False
+
+    def _make_mesh(self, config: NodeConfig) -> Mesh:
+        data_dir = config.data_dir
+        if not data_dir:
+            data_dir = self._tmp_dir = tempfile.mkdtemp(prefix="macula-node-")
+        identity = NodeIdentity.load_or_create(data_dir)
+        mc = MeshConfig(
+            host=config.mesh_host,
+            port=max(config.mesh_port, 0),
+            advertise=host_port(config.mesh_advertise, "mesh_advertise")
+            if config.mesh_advertise else None,
+            client_mode=config.client_mode,
+            seeds=[host_port(s, "seeds") for s in config.seeds],
+            network=config.mesh_network,
+            network_secret=config.mesh_secret.encode() if config.mesh_secret else None,
+            cache_ttl=config.mesh_cache_ttl,
+            min_interval=config.mesh_min_interval,
+            record_ttl=config.mesh_record_ttl,
+            ack_timeout=config.mesh_ack_timeout,
+            max_attempts=config.mesh_max_attempts,
+            max_pending=config.mesh_max_pending,
+        )
+        return Mesh(self.broker, identity, mc, flush=self._flush_control)
+
+    def _flush_control(self) -> None:
+        if self.server.running:
+            self.server.flush_output(asyncio.get_running_loop().time())
+
+    @property
+    def mesh_address(self) -> str:
+        """``host:port`` of the mesh endpoint, ``client`` (client mode) or ``off``."""
+        if self.mesh is None:
+            return "off"
+        addr = self.mesh.listen_address
+        return f"{addr[0]}:{addr[1]}" if addr is not None else "client"
+
+    @property
+    def node_id(self) -> str:
+        return self.mesh.node_id.hex() if self.mesh is not None else ""
 
     def ready(self) -> bool:
         return self.server.running and not self._stopping
@@ -78,21 +130,37 @@ class Node:
         if self.shards is not None:
             await self.shards.start()
         try:
+            if self.mesh is not None:
+                await self.mesh.start()
             await self.server.start()
         except BaseException:
+            if self.mesh is not None:
+                await self.mesh.stop()
             if self.shards is not None:
                 await self.shards.stop()
+            self._remove_tmp()
             raise
+        if self.mesh is not None:
+            await self.mesh.join()
         if self.metrics is not None:
             await self.metrics.start()
 
     async def stop(self) -> None:
         self._stopping = True
         await self.server.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()
         if self.shards is not None:
             await self.shards.stop()
         if self.metrics is not None:
             await self.metrics.stop()
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        if self._tmp_dir is not None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self._tmp_dir)
+            self._tmp_dir = None
 
     def stats(self) -> dict[str, Any]:
         return self.broker.stats()
@@ -107,7 +175,8 @@ async def run(config: NodeConfig, out: TextIO = sys.stdout) -> int:
         loop.add_signal_handler(sig, stop.set)
     await node.start()
     print(
-        f"macula node ready endpoints={','.join(node.endpoints)} "
+        f"macula node ready endpoints={','.join(node.endpoints)} mesh={node.mesh_address} "
+        f"node_id={node.node_id or '-'} "
         f"metrics={node.metrics_port if node.metrics_port is not None else 'off'}",
         file=out,
         flush=True,

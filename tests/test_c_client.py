@@ -41,7 +41,8 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def node() -> Iterator[NodeThread]:
-    cfg = NodeConfig(endpoints=["tcp://127.0.0.1:0"], metrics_port=-1, limits=Limits())
+    cfg = NodeConfig(mesh_port=-1, endpoints=["tcp://127.0.0.1:0"],
+                     metrics_port=-1, limits=Limits())
     with NodeThread(cfg) as n:
         yield n
 

@@ -50,7 +50,8 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
 
 def _node(**kw: Any) -> NodeThread:
     limits = kw.pop("limits", Limits(ack_timeout=0.2))
-    cfg = NodeConfig(endpoints=["tcp://127.0.0.1:0"], metrics_port=-1, tick_interval=0.02,
+    cfg = NodeConfig(mesh_port=-1, endpoints=["tcp://127.0.0.1:0"],
+                     metrics_port=-1, tick_interval=0.02,
                      limits=limits, **kw)
     return NodeThread(cfg).start()
 

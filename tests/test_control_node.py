@@ -95,7 +95,7 @@ def ctx() -> Iterator[zmq.Context[Any]]:
 
 def _node(**limits: Any) -> NodeThread:
     cfg = NodeConfig(
-        endpoints=["tcp://127.0.0.1:0"], metrics_port=0, tick_interval=0.02,
+        endpoints=["tcp://127.0.0.1:0"], metrics_port=0, tick_interval=0.02, mesh_port=-1,
         limits=Limits(**limits),
     )
     return NodeThread(cfg).start()
@@ -220,7 +220,8 @@ def test_session_limit(ctx: zmq.Context[Any]) -> None:
 def test_slow_consumer_drops_are_counted_and_stuck_session_disconnected(
     ctx: zmq.Context[Any],
 ) -> None:
-    cfg = NodeConfig(endpoints=["tcp://127.0.0.1:0"], metrics_port=-1, tick_interval=0.02,
+    cfg = NodeConfig(mesh_port=-1, endpoints=["tcp://127.0.0.1:0"],
+                     metrics_port=-1, tick_interval=0.02,
                      sndhwm=4, limits=Limits(max_queue_qos0=50, max_batch=4, stuck_timeout=0.5))
     with NodeThread(cfg) as n:
         slow = Raw(ctx, n.endpoint, RCVHWM=4, RCVBUF=4096)
@@ -314,7 +315,7 @@ def test_metrics_endpoints(node: NodeThread, ctx: zmq.Context[Any]) -> None:
 
 def test_ipc_endpoint_and_realm_secret(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
     ep = f"ipc://{tmp_path}/node.sock"
-    cfg = NodeConfig(endpoints=[ep], metrics_port=-1, realms={"vault": "s3"},
+    cfg = NodeConfig(mesh_port=-1, endpoints=[ep], metrics_port=-1, realms={"vault": "s3"},
                      allow_any_realm=False)
     with NodeThread(cfg) as n:
         assert n.endpoint == ep
@@ -333,7 +334,8 @@ def test_curve_allow_list(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
     zmq.auth.create_certificates(str(keys), "client")
     zmq.auth.create_certificates(str(keys), "stranger")
     (allowed / "client.key").write_bytes((keys / "client.key").read_bytes())
-    cfg = NodeConfig(endpoints=["tcp://127.0.0.1:0"], metrics_port=-1,
+    cfg = NodeConfig(mesh_port=-1, endpoints=["tcp://127.0.0.1:0"],
+                     metrics_port=-1,
                      curve_secret_key_file=server_secret, curve_allow_dir=str(allowed))
     server_public, _ = zmq.auth.load_certificate(str(keys / "server.key"))
 
@@ -353,7 +355,8 @@ def test_curve_allow_list(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
 
 
 def _start_cli(*extra: str) -> tuple[subprocess.Popen[str], str]:
-    env = dict(os.environ, MACULA_ENDPOINTS="tcp://127.0.0.1:0", MACULA_METRICS_PORT="-1")
+    env = dict(os.environ, MACULA_ENDPOINTS="tcp://127.0.0.1:0", MACULA_METRICS_PORT="-1",
+               MACULA_MESH_PORT="0")
     proc = subprocess.Popen([sys.executable, "-m", "macula.cli", "node", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None

@@ -69,7 +69,8 @@ def ctx() -> Iterator[zmq.Context[Any]]:
 
 
 def _node(shards: int = 2, metrics: bool = False, **limits: Any) -> NodeThread:
-    cfg = NodeConfig(endpoints=["tcp://127.0.0.1:0"], metrics_port=0 if metrics else -1,
+    cfg = NodeConfig(mesh_port=-1, endpoints=["tcp://127.0.0.1:0"],
+                     metrics_port=0 if metrics else -1,
                      tick_interval=0.02, shards=shards, limits=Limits(**limits))
     return NodeThread(cfg).start()
 
@@ -257,7 +258,8 @@ def test_config_shards() -> None:
     assert NodeConfig().shards == len(os.sched_getaffinity(0))
     with pytest.raises(ValueError, match="shards: expected int"):
         NodeConfig.from_dict({"shards": "many"})
-    cfg = NodeConfig(endpoints=["tcp://127.0.0.1:0"], metrics_port=-1, shards=-1)
+    cfg = NodeConfig(mesh_port=-1, endpoints=["tcp://127.0.0.1:0"],
+                     metrics_port=-1, shards=-1)
     with pytest.raises(ValueError, match="shards must be >= 0"):
         NodeThread(cfg).start()
 

@@ -63,7 +63,7 @@ PAYLOAD = b"x" * 64
 
 def start_node(endpoint: str, io_threads: int,
                shards: int | None = None) -> tuple[subprocess.Popen[str], str]:
-    env = dict(os.environ, MACULA_IO_THREADS=str(io_threads))
+    env = dict(os.environ, MACULA_IO_THREADS=str(io_threads), MACULA_MESH_PORT="-1")
     if shards is not None:
         env["MACULA_SHARDS"] = str(shards)
     node = subprocess.Popen(

@@ -72,7 +72,7 @@ from macula.control import protocol as p
 from macula.control.protocol import Code, Err, PubackReason
 
 _EVENT_HEAD = b"\x97" + bytes((int(Code.EVENT),))
-_STRATEGIES = ("round_robin", "random", "first")
+_STRATEGIES = ("round_robin", "random", "first", "lowest_latency")
 _enc = p.encode
 
 
@@ -128,16 +128,67 @@ class Fanout(Protocol):
 
 
 class PendingPub:
-    """A QoS 1 PUBLISH waiting for the shards' matches before its PUBACK."""
+    """A QoS 1 PUBLISH waiting for the shards' matches before its PUBACK (``session``), or
+    a QoS 1 message from another node waiting for them before its mesh ack (``done``)."""
 
-    __slots__ = ("mid", "msg", "ok", "session", "targets")
+    __slots__ = ("done", "mid", "msg", "ok", "session", "targets")
 
-    def __init__(self, session: Session, mid: int, msg: Msg, ok: bool, targets: int) -> None:
+    def __init__(self, session: Session | None, mid: int, msg: Msg, ok: bool, targets: int,
+                 done: Callable[[], None] | None = None) -> None:
         self.session = session
         self.mid = mid
         self.msg = msg
         self.ok = ok
         self.targets = targets
+        self.done = done
+
+
+class MeshHook(Protocol):
+    """What the broker tells the mesh (``macula.mesh.service.Mesh``) and asks of it."""
+
+    def subscribed(self, realm: str, filter: str) -> None:
+        """A local session subscribed to ``filter`` (new subscription)."""
+        ...
+
+    def unsubscribed(self, realm: str, filter: str) -> None: ...
+
+    def publish(self, realm: str, topic: str, payload: bytes, tail: bytes, qos: int,
+                groups: list[Group]) -> tuple[int, list[Group]]:
+        """Forward a local client's message to the nodes that want it. ``groups`` are the
+        local shared groups matching the topic; returns (how many nodes it went to, or 1
+        while discovery is pending; the groups to deliver to here)."""
+        ...
+
+    def registered(self, realm: str, procedure: str, strategy: str, idempotent: bool,
+                   cache_ttl: float) -> None:
+        """The first local provider of ``procedure`` registered."""
+        ...
+
+    def unregistered(self, realm: str, procedure: str) -> None:
+        """The last local provider of ``procedure`` went."""
+        ...
+
+    def call(self, s: Session, rid: int, realm: str, procedure: str, args: bytes,
+             timeout: float) -> None:
+        """No local provider: call a remote one; answer with ``Broker.call_done``."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class RemoteCaller:
+    """The caller of an invocation that came from another node (in place of a Session):
+    the broker's RESULT / ERROR command for it is handed to ``done``."""
+
+    __slots__ = ("calls", "closed", "done")
+
+    def __init__(self, done: Callable[[bytes], None]) -> None:
+        self.calls: set[int] = set()
+        self.closed = False
+        self.done = done
+
+    def reply(self, command: bytes) -> None:
+        self.done(command)
 
 
 class Sink(Protocol):
@@ -199,10 +250,12 @@ class Registration:
 
 
 class Procedure:
-    __slots__ = ("regs", "rr", "strategy")
+    __slots__ = ("cache_ttl", "idempotent", "regs", "rr", "strategy")
 
-    def __init__(self, strategy: str) -> None:
+    def __init__(self, strategy: str, idempotent: bool = False, cache_ttl: float = 0.0) -> None:
         self.strategy = strategy
+        self.idempotent = idempotent
+        self.cache_ttl = cache_ttl
         self.regs: list[Registration] = []
         self.rr = 0
 
@@ -235,7 +288,8 @@ class PendingCall:
     __slots__ = ("caller", "deadline", "inv_id", "provider", "rid")
 
     def __init__(
-        self, inv_id: int, caller: Session, rid: int, provider: Session, deadline: float
+        self, inv_id: int, caller: Session | RemoteCaller, rid: int, provider: Session,
+        deadline: float,
     ) -> None:
         self.inv_id = inv_id
         self.caller = caller
@@ -278,6 +332,7 @@ class Session:
         self.closed = False
         self.regs: dict[int, Registration] = {}
         self.calls: set[int] = set()  # invocations this session is waiting for (caller)
+        self.remote_calls = 0  # calls of this session out in the mesh
         self.invocations: set[int] = set()  # invocations this session must answer (provider)
         self.dedup: TTLCache[int, int] = TTLCache(lim.dedup_window, lim.dedup_ttl)
 
@@ -341,6 +396,8 @@ class Broker:
         self.sessions: dict[bytes, Session] = {}
         self.by_sid: dict[int, Session] = {}
         self.fanout: Fanout | None = None
+        self.mesh: MeshHook | None = None
+        self.mesh_in = 0  # messages from other nodes
         self._pending: dict[int, PendingPub] = {}
         self._next_seq = 1
         self._dirty: list[Session] = []
@@ -506,7 +563,7 @@ class Broker:
         }
 
     # -- errors ---------------------------------------------------------------------------
-    def _error(self, s: Session, ref: int, code: Err, message: str) -> None:
+    def _error(self, s: Session | RemoteCaller, ref: int, code: Err, message: str) -> None:
         self.errors[code.name] += 1
         s.reply(_enc((int(Code.ERROR), ref, int(code), message)))
 
@@ -551,14 +608,24 @@ class Broker:
         tail = _enc((topic, payload, False))[1:]
         msg = Msg(topic, tail, qos)
         ok = True
+        mesh = self.mesh
+        groups: list[Group] = []
         for t in targets:
             if type(t) is Subscription:
                 q = qos if qos <= t.qos else t.qos
                 if not t.sink.offer(t, msg, q):
                     self.drops["qos1_queue_full"] += 1
                     ok = False
+            elif mesh is not None:
+                groups.append(t)
             elif not self._offer_group(t, msg, qos):
                 ok = False
+        remote = 0
+        if mesh is not None:
+            remote, groups = mesh.publish(realm.name, topic, payload, tail, qos, groups)
+            for g in groups:
+                if not self._offer_group(g, msg, qos):
+                    ok = False
         if cmd.retain:
             ok = self._retain(realm, topic, payload, tail, qos) and ok
         fan = self.fanout
@@ -568,17 +635,55 @@ class Broker:
                 return
             seq = self._next_seq
             self._next_seq = seq + 1
-            self._pending[seq] = PendingPub(s, cmd.mid, msg, ok, len(targets))
+            self._pending[seq] = PendingPub(s, cmd.mid, msg, ok, len(targets) + remote)
             s.dedup.put(cmd.mid, -1, now=self.now)
             fan.publish(realm.name, topic, tail, 1, seq)
             return
         if qos:
             reason = (
-                (PubackReason.OK if targets else PubackReason.NO_SUBSCRIBERS)
+                (PubackReason.OK if targets or remote else PubackReason.NO_SUBSCRIBERS)
                 if ok else PubackReason.QUOTA_EXCEEDED
             )
             s.dedup.put(cmd.mid, int(reason), now=self.now)
             s.reply(_enc((int(Code.PUBACK), cmd.mid, int(reason))))
+
+    def inject(self, realm_name: str, topic: str, payload: bytes, qos: int,
+               groups: list[tuple[str, str]], done: Callable[[], None] | None = None) -> None:
+        """A message from another node: deliver it to the local plain subscriptions that
+        match and to the named shared ``groups`` (the publishing node chose this node for
+        them). For QoS 1, ``done`` is called once it was handed to the subscribers (at once,
+        or when the shards answered). Never forwarded to other nodes."""
+        self.mesh_in += 1
+        realm = self.realms.get(realm_name)
+        if realm is None:
+            if done is not None:
+                done()
+            return
+        tail = _enc((topic, payload, False))[1:]
+        msg = Msg(topic, tail, qos)
+        fan = self.fanout
+        if fan is None:
+            for t in realm.trie.match(topic):
+                if type(t) is Subscription and not t.sink.offer(
+                        t, msg, qos if qos <= t.qos else t.qos):
+                    self.drops["qos1_queue_full"] += 1
+        for key in groups:
+            g = realm.groups.get(key)
+            if g is not None:
+                self._offer_group(g, msg, qos)
+        if fan is None:
+            if done is not None:
+                done()
+            return
+        if not qos or done is None:
+            fan.publish(realm_name, topic, tail, 0, 0)
+            if done is not None:
+                done()
+            return
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._pending[seq] = PendingPub(None, 0, msg, True, 0, done)
+        fan.publish(realm_name, topic, tail, 1, seq)
 
     def deliver(self, sid: int, n: int, body: Any) -> None:
         """A whole body of ``n`` QoS 0 EVENTs built by a shard for session ``sid``.
@@ -619,8 +724,10 @@ class Broker:
             if not s.offer(sub, msg, 1):
                 self.drops["qos1_queue_full"] += 1
                 ok = False
+        if pp.done is not None:
+            pp.done()
         pub = pp.session
-        if pub.closed:
+        if pub is None or pub.closed:
             return
         if ok:
             reason = PubackReason.OK if matched + pp.targets else PubackReason.NO_SUBSCRIBERS
@@ -695,6 +802,8 @@ class Broker:
             self.fanout.subscribe(s, sub)
         else:
             realm.trie.add(inner, sub)
+        if self.mesh is not None:
+            self.mesh.subscribed(realm.name, flt)
         s.reply(_enc((int(Code.SUBACK), cmd.rid, sub.sub_id, cmd.qos)))
         if group is None:
             self._send_retained(sub)
@@ -717,6 +826,8 @@ class Broker:
                 self.fanout.unsubscribe(s, sub)
             else:
                 self._drop_sub(s.realm, sub)
+            if self.mesh is not None:
+                self.mesh.unsubscribed(s.realm.name, sub.filter)
         s.reply(_enc((int(Code.UNSUBACK), cmd.rid, sub is not None)))
 
     def _drop_sub(self, realm: Realm, sub: Subscription) -> None:
@@ -771,8 +882,14 @@ class Broker:
             self._error(s, cmd.rid, Err.REGISTRATION_LIMIT,
                         f"at max_registrations ({self.limits.max_registrations})")
             return
+        if cmd.cache_ttl_ms < 0:
+            self._error(s, cmd.rid, Err.BAD_VALUE, "cache_ttl_ms must be >= 0")
+            return
         if proc is None:
-            proc = procs[name] = Procedure(cmd.strategy)
+            proc = procs[name] = Procedure(cmd.strategy, cmd.idempotent, cmd.cache_ttl_ms / 1000)
+            if self.mesh is not None:
+                self.mesh.registered(s.realm.name, name, proc.strategy, proc.idempotent,
+                                     proc.cache_ttl)
         reg = Registration(self._next_reg, s, name)
         self._next_reg += 1
         proc.regs.append(reg)
@@ -790,6 +907,8 @@ class Broker:
         proc.regs.remove(reg)
         if not proc.regs:
             del realm.procedures[reg.procedure]
+            if self.mesh is not None:
+                self.mesh.unregistered(realm.name, reg.procedure)
 
     def _on_call(self, s: Session, cmd: p.Call) -> None:
         self.calls_total += 1
@@ -798,33 +917,72 @@ class Broker:
             self._error(s, cmd.rid, Err.BAD_VALUE, "timeout_ms must be >= 0")
             return
         proc = s.realm.procedures.get(cmd.procedure)
-        if proc is None:
-            self._error(s, cmd.rid, Err.NO_PROVIDER, f"no provider for {cmd.procedure!r}")
-            return
-        if len(s.calls) >= lim.max_pending_calls:
+        if len(s.calls) + s.remote_calls >= lim.max_pending_calls:
             self._error(s, cmd.rid, Err.CALL_LIMIT,
                         f"at max_pending_calls ({lim.max_pending_calls})")
             return
-        regs = proc.regs
-        if proc.strategy == "round_robin":
-            reg = regs[proc.rr % len(regs)]
-            proc.rr += 1
-        elif proc.strategy == "random":
-            reg = regs[self.rng.randrange(len(regs))]
-        else:
-            reg = regs[0]
         timeout = cmd.timeout_ms / 1000.0 if cmd.timeout_ms else lim.call_timeout
-        deadline = self.now + min(timeout, lim.max_call_timeout)
+        timeout = min(timeout, lim.max_call_timeout)
+        if proc is None:
+            if self.mesh is None:
+                self._error(s, cmd.rid, Err.NO_PROVIDER, f"no provider for {cmd.procedure!r}")
+                return
+            s.remote_calls += 1
+            self.mesh.call(s, cmd.rid, s.realm.name, cmd.procedure, bytes(cmd.args), timeout)
+            return
+        self._invoke(s, cmd.rid, self._pick(proc), cmd.args, self.now + timeout)
+
+    def _pick(self, proc: Procedure) -> Registration:
+        regs = proc.regs
+        if proc.strategy == "random":
+            return regs[self.rng.randrange(len(regs))]
+        if proc.strategy == "first":
+            return regs[0]
+        reg = regs[proc.rr % len(regs)]  # round_robin; lowest_latency: all local, in turn
+        proc.rr += 1
+        return reg
+
+    def _invoke(self, caller: Session | RemoteCaller, rid: int, reg: Registration,
+                args: Any, deadline: float) -> None:
+        lim = self.limits
         inv = self._next_inv
         self._next_inv += 1
+        s = caller
         provider = reg.session
-        self._calls[inv] = PendingCall(inv, s, cmd.rid, provider, deadline)
+        self._calls[inv] = PendingCall(inv, s, rid, provider, deadline)
         heapq.heappush(self._call_heap, (deadline, inv))
         s.calls.add(inv)
         provider.invocations.add(inv)
-        provider.reply(_enc((int(Code.INVOKE), inv, reg.reg_id, reg.procedure, cmd.args)))
+        provider.reply(_enc((int(Code.INVOKE), inv, reg.reg_id, reg.procedure, args)))
         if provider.queued() > lim.max_queue_reliable:
             self._to_close.append((provider, Err.SLOW_CONSUMER, "reliable queue overflow"))
+
+    def invoke(self, realm_name: str, procedure: str, args: bytes, timeout: float,
+               done: Callable[[bytes], None]) -> bool:
+        """A call from another node for a local provider: False when there is none here.
+        ``done`` gets the encoded RESULT or ERROR command (its ``rid`` is 0)."""
+        realm = self.realms.get(realm_name)
+        proc = realm.procedures.get(procedure) if realm is not None else None
+        if proc is None:
+            return False
+        self.calls_total += 1
+        timeout = min(timeout, self.limits.max_call_timeout)
+        self._invoke(RemoteCaller(done), 0, self._pick(proc), msgspec.Raw(args),
+                     self.now + timeout)
+        self._process_closes()
+        return True
+
+    def call_done(self, s: Session, rid: int, result: bytes | None, code: Err = Err.NO_PROVIDER,
+                  message: str = "") -> None:
+        """The mesh finished a call of ``s``: ``result`` (msgpack bytes), or an error."""
+        s.remote_calls -= 1
+        if s.closed:
+            return
+        if result is not None:
+            self.calls_ok += 1
+            s.reply(_enc((int(Code.RESULT), rid, msgspec.Raw(result))))
+        else:
+            self._error(s, rid, code, message)
 
     def _finish_call(self, s: Session, inv_id: int) -> PendingCall | None:
         call = self._calls.get(inv_id)
@@ -877,9 +1035,12 @@ class Broker:
         self.closed_by[code.name] = self.closed_by.get(code.name, 0) + 1
         realm = s.realm
         fan = self.fanout
+        mesh = self.mesh
         for sub in s.subs.values():
             if fan is None or sub.group is not None:
                 self._drop_sub(realm, sub)
+            if mesh is not None:
+                mesh.unsubscribed(realm.name, sub.filter)
         if fan is not None:
             fan.session_closed(s)
         for reg in s.regs.values():
@@ -1066,9 +1227,11 @@ class Broker:
             "queued_reliable": sum(len(s.q1) for s in sessions),
             "queued_pending_qos1": sum(len(s.pending1) for s in sessions),
             "stalled_sessions": sum(1 for s in sessions if s.stalled_since is not None),
+            "messages_from_mesh_total": self.mesh_in,
             "drops_total": dict(self.drops),
             "errors_total": {k: v for k, v in self.errors.items() if v},
             **({"shards": self.fanout.stats()} if self.fanout is not None else {}),
+            **({"mesh": self.mesh.stats()} if self.mesh is not None else {}),
         }
 
 

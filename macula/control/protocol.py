@@ -155,6 +155,8 @@ class Register(msgspec.Struct, array_like=True, tag=20, gc=False):
     rid: int
     procedure: str
     strategy: str = "round_robin"
+    idempotent: bool = False  # a call may be retried on another node after delivery
+    cache_ttl_ms: int = 0  # callers on other nodes may cache results this long (0: never)
 
 
 class Unregister(msgspec.Struct, array_like=True, tag=22, gc=False):

@@ -72,7 +72,9 @@ class Advert:
 
 @dataclass
 class _Anchor:
-    trie: TopicTrie = field(default_factory=TopicTrie)
+    trie: TopicTrie = field(default_factory=TopicTrie)  # plain filters -> node ids
+    # shared filters ``$share/<group>/<filter>`` -> (group, filter, node id)
+    shared: TopicTrie = field(default_factory=TopicTrie)
     endpoints: dict[bytes, tuple[str, int] | None] = field(default_factory=dict)
     # what the answer said, node by node: its endpoint and its (valid) filters here
     answer: dict[bytes, tuple[tuple[str, int] | None, frozenset[str]]] = field(
@@ -89,8 +91,10 @@ class _Route:
 
     anchors: list[str]
     generations: tuple[int, ...]
-    targets: set[bytes]
+    targets: set[bytes]  # nodes with a plain subscription matching the topic
     refresh_at: float  # when the first of its anchors is due for a background refresh
+    # shared groups matching the topic: (group, filter) -> the nodes with members
+    groups: dict[tuple[str, str], list[bytes]] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +142,7 @@ class Discovery(Generic[T]):
             "pending_released": 0,
             "anchors_evicted": 0,
             "pruned": 0,
+            "nodes_forgotten": 0,
         }
 
     # -- publishing ---------------------------------------------------------------------
@@ -150,6 +155,11 @@ class Discovery(Generic[T]):
         missing anchors are known. Either way, ``take_lookups()`` then holds the anchors
         to look up now (missing ones, and stale ones for a background refresh).
         """
+        r = self.plan(topic, item, now)
+        return None if r is None else (r.targets, [item])
+
+    def plan(self, topic: str, item: T, now: float) -> _Route | None:
+        """Like ``route``, returning the whole route (``targets`` and shared ``groups``)."""
         r: _Route | None = self._routes.get(topic, None, now=now)
         if r is not None and self._generations(r.anchors) == r.generations:
             self.counters["routes_hit"] += 1
@@ -157,7 +167,7 @@ class Discovery(Generic[T]):
                 self._refresh_stale(r.anchors, now)
                 r.refresh_at = self._refresh_at(r.anchors)
                 self._routes.put(topic, r, now=now)
-            return r.targets, [item]
+            return r
         self.counters["routes_miss"] += 1
         anchors = topic_anchors(topic)
         missing = {a for a in anchors if not self._known(a, now)}
@@ -165,7 +175,14 @@ class Discovery(Generic[T]):
         if missing:
             self._queue(topic, item, missing)
             return None
-        return self._new_route(topic, anchors, now).targets, [item]
+        return self._new_route(topic, anchors, now)
+
+    def cached(self, topic: str, now: float) -> _Route | None:
+        """The current route of ``topic`` if one is cached and valid (no side effects)."""
+        r: _Route | None = self._routes.get(topic, None, now=now)
+        if r is not None and self._generations(r.anchors) == r.generations:
+            return r
+        return None
 
     def endpoint_of(self, node_id: bytes) -> tuple[str, int] | None:
         """The endpoint a node advertised (any anchor); None if unknown or client mode."""
@@ -190,6 +207,7 @@ class Discovery(Generic[T]):
         a = self._anchor(anchor)
         a.in_flight = False
         trie = TopicTrie()
+        shared_trie = TopicTrie()
         answer: dict[bytes, tuple[tuple[str, int] | None, frozenset[str]]] = {}
         for adv in adverts:
             if adv.node_id == self.self_id:
@@ -200,7 +218,10 @@ class Discovery(Generic[T]):
                     if filter_anchor(f) != anchor:
                         continue  # a record that does not belong here: ignored
                     shared = parse_shared(f)
-                    trie.add(shared[1] if shared else f, adv.node_id)
+                    if shared:
+                        shared_trie.add(shared[1], (shared[0], shared[1], adv.node_id))
+                    else:
+                        trie.add(f, adv.node_id)
                     kept.add(f)
                 except (ValueError, TypeError):
                     continue  # garbage from a peer does not poison the cache
@@ -208,7 +229,7 @@ class Discovery(Generic[T]):
         # routes depend on which node has which filter: compare that, not the filter set
         # alone (two nodes swapping filters leaves it the same)
         changed = a.known_at is None or answer != a.answer
-        a.trie, a.answer, a.known_at = trie, answer, now
+        a.trie, a.shared, a.answer, a.known_at = trie, shared_trie, answer, now
         a.endpoints = {nid: ep for nid, (ep, _) in answer.items()}
         if changed:
             a.generation += 1
@@ -228,10 +249,48 @@ class Discovery(Generic[T]):
         """``node_id`` said it has no subscriber for ``topic`` any more: stop sending it
         this topic until the anchors' answers change."""
         r: _Route | None = self._routes.get(topic, None, now=now)
-        if r is not None and node_id in r.targets:
+        if r is None:
+            return
+        hit = node_id in r.targets
+        if hit:
             r.targets = r.targets - {node_id}  # a new set: released lists keep theirs
+        for key, nodes in list(r.groups.items()):
+            if node_id in nodes:
+                hit = True
+                rest = [n for n in nodes if n != node_id]
+                if rest:
+                    r.groups[key] = rest
+                else:
+                    del r.groups[key]
+        if hit:
             self._routes.put(topic, r, now=now)
             self.counters["pruned"] += 1
+
+    def forget_node(self, node_id: bytes) -> bool:
+        """``node_id`` is gone (its link failed for good, or it shut down): drop it from
+        every anchor's answer, so that no route sends to it until an answer names it
+        again. Returns whether any anchor knew it."""
+        found = False
+        for a in self._anchors.values():
+            if node_id not in a.answer:
+                continue
+            found = True
+            del a.answer[node_id]
+            a.endpoints.pop(node_id, None)
+            trie = TopicTrie()
+            shared_trie = TopicTrie()
+            for nid, (_, filters) in a.answer.items():
+                for f in filters:
+                    sh = parse_shared(f)
+                    if sh:
+                        shared_trie.add(sh[1], (sh[0], sh[1], nid))
+                    else:
+                        trie.add(f, nid)
+            a.trie, a.shared = trie, shared_trie
+            a.generation += 1
+        if found:
+            self.counters["nodes_forgotten"] += 1
+        return found
 
     # -- internals ------------------------------------------------------------------------
 
@@ -272,11 +331,20 @@ class Discovery(Generic[T]):
 
     def _new_route(self, topic: str, anchors: list[str], now: float) -> _Route:
         targets: set[bytes] = set()
+        groups: dict[tuple[str, str], list[bytes]] = {}
         for name in anchors:
             a = self._anchors.get(name)
-            if a is not None and len(a.trie):
+            if a is None:
+                continue
+            if len(a.trie):
                 targets.update(a.trie.match(topic))
-        r = _Route(anchors, self._generations(anchors), targets, self._refresh_at(anchors))
+            if len(a.shared):
+                for group, flt, nid in a.shared.match(topic):
+                    groups.setdefault((group, flt), []).append(nid)
+        for nodes in groups.values():
+            nodes.sort()  # every publisher sees the same order
+        r = _Route(anchors, self._generations(anchors), targets, self._refresh_at(anchors),
+                   groups)
         self._routes.put(topic, r, now=now)
         return r
 

@@ -1,0 +1,931 @@
+"""The mesh of one node: pub/sub and RPC across nodes (docs/MESH.md).
+
+``Mesh`` joins the node's broker (``macula.control.broker``) to the other nodes. It owns the
+node's QUIC ``WireEndpoint`` (docs/WIRE.md), a ``Dht`` sharing that endpoint (docs/DHT.md),
+the ``Advertiser`` (what this node's clients subscribe to, as DHT records), one
+``Discovery`` per realm (where a topic must go: the subscriber cache, the direct routing
+table, rate-limited refresh, the bounded pending queue), a QoS 1 ``Outbox`` per remote node
+and one ``Inbox``.
+
+Publishing (``publish``, called by the broker for every PUBLISH of a local client)
+    One ``Discovery.plan`` (a ``TTLCache`` hit once the topic is known) gives the nodes
+    with a matching plain subscription and the shared groups elsewhere. The message's
+    entry is built once from the broker's encoded tail and appended to a per-node buffer;
+    at the end of the loop iteration each node's buffer leaves as one PUB frame per realm
+    on its pooled link (``send_nowait``: over the send buffer the QoS 0 messages are
+    dropped and counted, QoS 1 ones are re-sent by the outbox). Discovery never blocks a
+    publish: a topic whose anchors are not known yet queues its messages in the bounded
+    pending queue and lookups start at once; the answer releases them.
+
+Receiving (PUB frames)
+    Each message is handed to the broker (``Broker.inject``), which matches exactly against
+    the local subscriptions (or the shards). A topic nothing here matches any more is named
+    in a NOMATCH frame back, and the publisher drops this node from that topic's route
+    until the anchors' answers change. QoS 1 messages (``mid`` > 0) are de-duplicated by
+    ``(origin, mid)`` and acknowledged (ACK frames, batched) once handed to the
+    subscribers; the publisher's outbox re-sends on ``ack_timeout`` (``max_attempts``).
+
+Shared subscriptions (one delivery per group per message, mesh-wide)
+    Nodes advertise ``$share/<group>/<filter>`` like other filters. For each group that
+    matches a topic, the publishing node picks ONE node among those with members (itself
+    included) in turn (round robin over the node ids in a fixed order) and names the group
+    in that node's entry; a node delivers to a group only when named (or, for its own
+    clients' messages, when it picked itself). While a topic is still being discovered,
+    local members take the message.
+
+RPC
+    A node advertises each procedure its clients provide as a DHT record under
+    ``dht_key(realm, "rpc", procedure)`` (``macula.mesh.rpc.ProviderRecord``). A CALL with
+    no local provider goes to the mesh: the provider list comes from a TTL cache (or one
+    DHT lookup, shared by concurrent callers; none -> NO_PROVIDER at once), ordered by the
+    registration's strategy; a failure before delivery tries the next provider, one after
+    delivery only for idempotent procedures; results of registrations with a cache TTL are
+    cached by the caller's node.
+
+Nodes that die
+    A link that goes down (other than by replacement or eviction) is re-dialled; if that
+    fails, or the peer said it was shutting down, the node is forgotten: removed from every
+    route and provider list and its adverts ignored for ``dead_node_ttl`` seconds (or until
+    it links up again).
+
+Wire kinds (one-way unless noted): 0x20 PUB ``[realm, [[mid, topic, payload, groups]...]]``,
+0x21 ACK ``[mid...]``, 0x22 NOMATCH ``[realm, [topic...]]``, 0x23 CALL (request)
+``[realm, procedure, args, timeout_ms]`` answered with the result's msgpack bytes or a
+status 0x30-0x34.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from macula import TopicTrie, TTLCache, parse_shared
+from macula.control import protocol as p
+from macula.control.protocol import Code, Err
+from macula.dht import messages as dm
+from macula.dht.core import DhtConfig
+from macula.dht.driver import Dht
+from macula.dht.keys import dht_key
+from macula.mesh import rpc
+from macula.mesh.advertiser import Advertiser, decode_advert
+from macula.mesh.discovery import Advert, Discovery
+from macula.mesh.qos import Inbox, Outbox
+from macula.wire import (
+    DialError,
+    LinkClosed,
+    LinkError,
+    NodeIdentity,
+    PeerLink,
+    RemoteError,
+    RequestRejected,
+    RequestTimeout,
+    WireConfig,
+    WireEndpoint,
+    WireHandler,
+)
+from macula.wire import messages as wm
+
+if False:  # pragma: no cover - typing only
+    from macula.control.broker import Broker, Group, Session
+
+KIND_PUB = 0x20
+KIND_ACK = 0x21
+KIND_NOMATCH = 0x22
+KIND_CALL = 0x23
+
+STATUS_NO_PROVIDER = 0x30
+STATUS_APPLICATION_ERROR = 0x31
+STATUS_CALL_TIMEOUT = 0x32
+STATUS_PROVIDER_GONE = 0x33
+STATUS_BAD_CALL = 0x34
+
+_ERR_OF_STATUS = {
+    STATUS_NO_PROVIDER: Err.NO_PROVIDER,
+    STATUS_APPLICATION_ERROR: Err.APPLICATION_ERROR,
+    STATUS_CALL_TIMEOUT: Err.CALL_TIMEOUT,
+    STATUS_PROVIDER_GONE: Err.PROVIDER_GONE,
+}
+_STATUS_OF_ERR = {v: k for k, v in _ERR_OF_STATUS.items()}
+
+_MAX_ENTRIES_PER_FRAME = 4096
+_NO_GROUPS = b"\x90"
+
+_enc = msgspec.msgpack.Encoder()
+_PubEntry = tuple[int, str, bytes, list[tuple[str, str]]]
+_PUB_DEC = msgspec.msgpack.Decoder(tuple[str, list[_PubEntry]])
+_ACK_DEC = msgspec.msgpack.Decoder(list[int])
+_NOMATCH_DEC = msgspec.msgpack.Decoder(tuple[str, list[str]])
+_CALL_DEC = msgspec.msgpack.Decoder(tuple[str, str, msgspec.Raw, int])
+_CMD_DEC = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+@dataclass
+class MeshConfig:
+    """Settings of the mesh (docs/MESH.md lists them; ``NodeConfig`` fills them)."""
+
+    host: str = "127.0.0.1"
+    port: int = 4433  # 0: an ephemeral port
+    advertise: tuple[str, int] | None = None  # the address others dial (default host:port)
+    client_mode: bool = False  # dial out only; reachable over the links it opens
+    seeds: list[tuple[str, int]] = field(default_factory=list)
+    network: str = "macula"  # the wire's admission realm: nodes of one mesh share it
+    network_secret: bytes | None = None
+    cache_ttl: float = 60.0  # how long a discovery answer is used (s)
+    min_interval: float = 1.0  # at most one lookup per anchor per this (s)
+    refresh_after: float | None = None  # refresh a used answer this old (default min_interval)
+    record_ttl: float = 300.0  # TTL of this node's subscription records in the DHT (s)
+    advert_interval: float = 0.2  # debounce of re-advertising a changed anchor (s)
+    ack_timeout: float = 1.0  # QoS 1 re-send after this long without ACK (s)
+    max_attempts: int = 5  # QoS 1 sends per message per node
+    max_inflight: int = 100_000  # unacknowledged QoS 1 messages per node (refused beyond)
+    max_pending: int = 100_000  # messages waiting for discovery, all topics (oldest dropped)
+    max_pending_per_topic: int = 1_000
+    max_routes: int = 100_000  # topics in the direct routing table (LRU)
+    max_anchors: int = 100_000  # anchors in the subscriber cache (LRU)
+    dedup_ttl: float = 60.0  # how long received QoS 1 ids are remembered (s)
+    max_dedup: int = 1_000_000
+    provider_ttl: float = 30.0  # cached provider lists (s)
+    max_call_attempts: int = 3  # providers tried per call
+    result_cache_size: int = 10_000
+    dead_node_ttl: float = 30.0  # adverts of a node found dead are ignored this long (s)
+    bootstrap_timeout: float = 5.0
+    tick: float = 0.05  # upkeep timer (s)
+    wire: WireConfig = field(default_factory=lambda: WireConfig(dial_timeout=2.0,
+                                                                redial_attempts=2))
+    dht: DhtConfig = field(default_factory=lambda: DhtConfig(max_value_size=16_384,
+                                                             query_timeout=1.0))
+
+
+class _Local:
+    """This node's own subscriptions in one realm, as filters (to answer NOMATCH)."""
+
+    __slots__ = ("counts", "trie")
+
+    def __init__(self) -> None:
+        self.trie = TopicTrie()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, flt: str) -> None:
+        self.counts[flt] += 1
+        if self.counts[flt] == 1:
+            self.trie.add(flt, flt)
+
+    def remove(self, flt: str) -> None:
+        if self.counts[flt] <= 0:
+            return
+        self.counts[flt] -= 1
+        if self.counts[flt] == 0:
+            del self.counts[flt]
+            self.trie.remove(flt, flt)
+
+
+class Mesh(WireHandler):
+    """The mesh component of a node (see the module docstring)."""
+
+    def __init__(self, broker: Broker, identity: NodeIdentity, config: MeshConfig | None = None,
+                 *, flush: Callable[[], None] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.broker = broker
+        self.config = cfg = config or MeshConfig()
+        self.identity = identity
+        self.node_id = identity.node_id
+        self._flush_control = flush or (lambda: None)
+        self.rng = rng or random.Random()
+        self.endpoint = WireEndpoint(
+            identity, handler=self, config=cfg.wire, host=cfg.host, port=cfg.port,
+            realm=cfg.network, realm_secret=cfg.network_secret, client_mode=cfg.client_mode,
+            advertise=cfg.advertise)
+        self.dht = Dht(endpoint=self.endpoint, config=cfg.dht)
+        self.advertiser = Advertiser(node_id=self.node_id, endpoint=None,
+                                     record_ttl=cfg.record_ttl,
+                                     min_interval=cfg.advert_interval)
+        self._disc: dict[str, Discovery[tuple[bytes, int, frozenset[tuple[str, str]]]]] = {}
+        self._local: dict[str, _Local] = {}
+        self._addrs: OrderedDict[bytes, tuple[str, int] | None] = OrderedDict()
+        self._dead: TTLCache[bytes, bool] = TTLCache(100_000, cfg.dead_node_ttl)
+        self._outboxes: dict[bytes, Outbox[tuple[str, bytes, bytes]]] = {}
+        self.inbox = Inbox(dedup_ttl=cfg.dedup_ttl, max_entries=cfg.max_dedup)
+        # node -> realm -> entries for the next PUB frame
+        self._out: dict[bytes, dict[str, list[bytes]]] = {}
+        self._acks: dict[bytes, list[int]] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._group_rr: dict[tuple[str, str, str], int] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._checking: set[bytes] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._running = False
+        self.lookup_times: deque[float] = deque(maxlen=1024)  # discovery latency samples (s)
+        self.rpc = _Rpc(self)
+        self.counters: Counter[str] = Counter()
+        for k in ("messages_forwarded_total", "messages_received_total", "frames_out_total",
+                  "frames_in_total", "nomatch_sent_total", "nomatch_received_total",
+                  "acks_sent_total", "acks_received_total", "dht_lookups_total",
+                  "dht_lookup_failures_total", "dht_puts_total", "calls_forwarded_total",
+                  "calls_served_total", "calls_failed_over_total", "nodes_gone_total",
+                  "bad_input_total", "bad_records_total"):
+            self.counters[k] = 0
+        self.drops: Counter[str] = Counter()
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        return self.endpoint.listen_address
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.endpoint.start()
+        await self.dht.start()
+        self.advertiser.endpoint = self.endpoint.listen_address
+        self._running = True
+        self._timer = self._loop.call_later(self.config.tick, self._on_tick)
+
+    async def join(self, seeds: list[tuple[str, int]] | None = None) -> int:
+        """Bootstrap through ``seeds`` (default: the configured ones); returns how many
+        contacts the routing table holds after. Never raises for unreachable seeds."""
+        seeds = list(self.config.seeds if seeds is None else seeds)
+        if not seeds:
+            return 0
+        with contextlib.suppress(asyncio.TimeoutError, LinkError, OSError):
+            await asyncio.wait_for(self.dht.bootstrap(seeds), self.config.bootstrap_timeout)
+        return int(self.dht.stats().get("contacts", 0))
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_now()
+        for t in list(self._tasks):
+            t.cancel()
+        await self.dht.close()
+        await self.endpoint.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    # -- the broker's hooks ---------------------------------------------------------------
+
+    def subscribed(self, realm: str, filter: str) -> None:
+        self.advertiser.subscribe(realm, filter)
+        if parse_shared(filter) is None:
+            self._local.setdefault(realm, _Local()).add(filter)
+
+    def unsubscribed(self, realm: str, filter: str) -> None:
+        self.advertiser.unsubscribe(realm, filter)
+        if parse_shared(filter) is None:
+            loc = self._local.get(realm)
+            if loc is not None:
+                loc.remove(filter)
+
+    def registered(self, realm: str, procedure: str, strategy: str, idempotent: bool,
+                   cache_ttl: float) -> None:
+        self.rpc.advertise(realm, procedure, strategy, idempotent, cache_ttl)
+
+    def unregistered(self, realm: str, procedure: str) -> None:
+        self.rpc.withdraw(realm, procedure)
+
+    def call(self, s: Session, rid: int, realm: str, procedure: str, args: bytes,
+             timeout: float) -> None:
+        self._spawn(self.rpc.call(s, rid, realm, procedure, args, timeout))
+
+    def _discovery(self, realm: str) -> Discovery[tuple[bytes, int, frozenset[tuple[str, str]]]]:
+        d = self._disc.get(realm)
+        if d is None:
+            cfg = self.config
+            d = self._disc[realm] = Discovery(
+                self_id=self.node_id, cache_ttl=cfg.cache_ttl,
+                refresh_after=cfg.min_interval if cfg.refresh_after is None
+                else cfg.refresh_after,
+                min_interval=cfg.min_interval, max_anchors=cfg.max_anchors,
+                max_routes=cfg.max_routes, max_pending_per_topic=cfg.max_pending_per_topic,
+                max_pending=cfg.max_pending)
+        return d
+
+    def publish(self, realm: str, topic: str, payload: bytes, tail: bytes, qos: int,
+                groups: list[Group]) -> tuple[int, list[Group]]:
+        if not self._running or not self._peers():
+            return 0, groups  # alone: nobody elsewhere to send to
+        d = self._disc.get(realm) or self._discovery(realm)
+        now = self.broker.now
+        local_keys = frozenset((g.name, g.filter) for g in groups) if groups else frozenset()
+        r = d.plan(topic, (tail, qos, local_keys), now)
+        if d._to_lookup:
+            self._start_lookups(realm, d)
+        if r is None:  # queued until discovery answers; local group members take it
+            return 1, groups
+        rgroups = r.groups
+        if not rgroups and not groups:
+            targets = r.targets
+            if targets:
+                self._forward(realm, targets, tail, qos, None)
+            return len(targets), groups
+        chosen_local, per_node = self._pick_groups(realm, rgroups, groups)
+        targets = r.targets | per_node.keys() if per_node else r.targets
+        if targets:
+            self._forward(realm, targets, tail, qos, per_node)
+        return len(targets), chosen_local
+
+    def _peers(self) -> bool:
+        """Whether any other node is known (a contact in the DHT, or a link)."""
+        core = self.dht._core
+        return (core is not None and len(core.table) > 0) or len(self.endpoint.pool) > 0
+
+    def _pick_groups(self, realm: str, rgroups: dict[tuple[str, str], list[bytes]],
+                     local: list[Group] | None,
+                     local_keys: frozenset[tuple[str, str]] = frozenset(),
+                     ) -> tuple[list[Group], dict[bytes, list[tuple[str, str]]]]:
+        """One node per matching group: in turn among the nodes with members."""
+        by_key = {(g.name, g.filter): g for g in local} if local else {}
+        chosen: list[Group] = []
+        per_node: dict[bytes, list[tuple[str, str]]] = {}
+        me = self.node_id
+        for key in set(rgroups) | by_key.keys() | local_keys:
+            cands = list(rgroups.get(key, ()))
+            if key in by_key or key in local_keys:
+                cands.append(me)
+                cands.sort()
+            rr_key = (realm, key[0], key[1])
+            n = self._group_rr.get(rr_key, 0)
+            if len(self._group_rr) > 100_000:
+                self._group_rr.clear()
+            self._group_rr[rr_key] = n + 1
+            pick = cands[n % len(cands)]
+            if pick == me:
+                if key in by_key:
+                    chosen.append(by_key[key])
+                # else: local members took it already (pending release)
+            else:
+                per_node.setdefault(pick, []).append(key)
+        return chosen, per_node
+
+    def _forward(self, realm: str, targets: set[bytes] | Any, tail: bytes, qos: int,
+                 per_node: dict[bytes, list[tuple[str, str]]] | None) -> None:
+        body = tail[:-1]  # topic + payload (the retain flag is not forwarded)
+        shared = b"\x94\x00" + body + _NO_GROUPS if not qos else b""
+        out = self._out
+        now = self.broker.now
+        for node in targets:
+            groups_enc = _NO_GROUPS
+            if per_node is not None:
+                gl = per_node.get(node)
+                if gl:
+                    groups_enc = _enc.encode(gl)
+            if qos:
+                ob = self._outbox(node)
+                mid = ob.send((realm, body, groups_enc), now)
+                if mid is None:
+                    self.drops["qos1_outbox_full"] += 1
+                    continue
+                entry = b"\x94" + p.pack_uint(mid) + body + groups_enc
+            elif groups_enc is _NO_GROUPS:
+                entry = shared
+            else:
+                entry = b"\x94\x00" + body + groups_enc
+            by_realm = out.get(node)
+            if by_realm is None:
+                by_realm = out[node] = {}
+            lst = by_realm.get(realm)
+            if lst is None:
+                by_realm[realm] = [entry]
+            else:
+                lst.append(entry)
+        self.counters["messages_forwarded_total"] += len(targets)
+        if self._flush_handle is None:
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self._flush_now)
+
+    def _outbox(self, node: bytes) -> Outbox[tuple[str, bytes, bytes]]:
+        ob = self._outboxes.get(node)
+        if ob is None:
+            cfg = self.config
+            ob = self._outboxes[node] = Outbox(ack_timeout=cfg.ack_timeout,
+                                               max_attempts=cfg.max_attempts,
+                                               max_inflight=cfg.max_inflight)
+        return ob
+
+    def _link(self, node: bytes) -> PeerLink | None:
+        pool = self.endpoint.pool
+        link = pool.peek(node)
+        if link is not None and not link.closed:
+            return link
+        try:
+            return pool.link(node, self._addrs.get(node))
+        except (LinkError, ValueError):
+            return None
+
+    def _flush_now(self) -> None:
+        self._flush_handle = None
+        out, self._out = self._out, {}
+        for node, by_realm in out.items():
+            link = self._link(node)
+            n_entries = sum(len(v) for v in by_realm.values())
+            if link is None or (link.addr is None and not link.is_open):
+                self.drops["unreachable"] += n_entries
+                continue
+            for realm, entries in by_realm.items():
+                head = b"\x92" + _enc.encode(realm)
+                for i in range(0, len(entries), _MAX_ENTRIES_PER_FRAME):
+                    chunk = entries[i:i + _MAX_ENTRIES_PER_FRAME]
+                    frame = head + p.array_header(len(chunk)) + b"".join(chunk)
+                    try:
+                        sent = link.send_nowait(KIND_PUB, frame)
+                    except LinkError:
+                        sent = False
+                    if sent:
+                        self.counters["frames_out_total"] += 1
+                    else:
+                        self.drops["backpressure"] += len(chunk)
+        acks, self._acks = self._acks, {}
+        for node, mids in acks.items():
+            link = self.endpoint.pool.peek(node)
+            if link is None or link.closed:
+                continue
+            with contextlib.suppress(LinkError):
+                link.send_nowait(KIND_ACK, _enc.encode(mids))
+                self.counters["acks_sent_total"] += len(mids)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush_now)
+
+    # -- discovery ------------------------------------------------------------------------
+
+    def _start_lookups(self, realm: str, d: Discovery[Any]) -> None:
+        for anchor in d.take_lookups():
+            self.counters["dht_lookups_total"] += 1
+            self._spawn(self._lookup(realm, d, anchor))
+
+    async def _lookup(self, realm: str, d: Discovery[Any], anchor: str) -> None:
+        t0 = self._now()
+        try:
+            values = await self.dht.get(dht_key(realm, "sub", anchor))
+        except (LinkError, OSError, asyncio.TimeoutError, RuntimeError):
+            self.counters["dht_lookup_failures_total"] += 1
+            released = d.lookup_failed(anchor, self._now())
+        else:
+            adverts: list[Advert] = []
+            for v in values:
+                if not v:
+                    continue  # an empty record: that node withdrew
+                adv = decode_advert(v)
+                if adv is None:
+                    self.counters["bad_records_total"] += 1
+                    continue
+                if adv.node_id == self.node_id or self._dead.get(adv.node_id) is not None:
+                    continue
+                self._learn(adv.node_id, adv.endpoint)
+                adverts.append(adv)
+            now = self._now()
+            self.lookup_times.append(now - t0)
+            released = d.lookup_done(anchor, adverts, now)
+        if not released:
+            return
+        self.broker.now = self._now()
+        for topic, targets, items in released:
+            r = d.cached(topic, self.broker.now)
+            rgroups = r.groups if r is not None else {}
+            for tail, qos, local_keys in items:
+                per_node: dict[bytes, list[tuple[str, str]]] | None = None
+                tg: set[bytes] = targets
+                if rgroups:
+                    _, per_node = self._pick_groups(realm, rgroups, None, local_keys)
+                    tg = targets | per_node.keys()
+                if tg:
+                    self._forward(realm, tg, tail, qos, per_node)
+
+    def _learn(self, node: bytes, addr: tuple[str, int] | None) -> None:
+        addrs = self._addrs
+        if addrs.get(node) != addr or node not in addrs:
+            addrs[node] = addr
+            while len(addrs) > 100_000:
+                addrs.popitem(last=False)
+        link = self.endpoint.pool.peek(node)
+        if link is not None and addr is not None and link.addr is None:
+            link.addr = addr
+
+    # -- upkeep ---------------------------------------------------------------------------
+
+    def _on_tick(self) -> None:
+        if not self._running:
+            return
+        assert self._loop is not None
+        now = self._now()
+        self.broker.now = max(self.broker.now, now)
+        for put in self.advertiser.take_puts(now):
+            self._spawn(self._put(dht_key(put.realm, "sub", put.anchor), put.value, put.ttl))
+        for realm, d in self._disc.items():
+            d.tick(now)
+            self._start_lookups(realm, d)
+        for node, ob in list(self._outboxes.items()):
+            if not len(ob):
+                continue
+            resend, expired = ob.due(now)
+            if expired:
+                self.drops["qos1_expired"] += len(expired)
+            for mid, (realm, body, groups_enc) in resend:
+                entry = b"\x94" + p.pack_uint(mid) + body + groups_enc
+                self._out.setdefault(node, {}).setdefault(realm, []).append(entry)
+            if resend:
+                self._schedule_flush()
+        self._timer = self._loop.call_later(self.config.tick, self._on_tick)
+
+    async def _put(self, key: bytes, value: bytes, ttl: float) -> None:
+        self.counters["dht_puts_total"] += 1
+        with contextlib.suppress(LinkError, OSError, asyncio.TimeoutError, RuntimeError):
+            await self.dht.put(key, value, ttl)
+
+    # -- the wire -------------------------------------------------------------------------
+
+    def on_request(self, link: PeerLink, kind: int, payload: bytes) -> bytes | Awaitable[bytes]:
+        if kind in dm.KINDS:
+            return self.dht.on_request(link, kind, payload)
+        if kind == KIND_CALL:
+            return self.rpc.serve(link, payload)
+        return super().on_request(link, kind, payload)
+
+    def on_messages(self, link: PeerLink, msgs: list[wm.Msg]) -> None:
+        for msg in msgs:
+            kind = msg.kind
+            try:
+                if kind == KIND_PUB:
+                    self._on_pub(link, msg.payload)
+                elif kind == KIND_ACK:
+                    mids = _ACK_DEC.decode(msg.payload)
+                    ob = self._outboxes.get(link.peer_id)
+                    if ob is not None:
+                        ob.ack(mids)
+                    self.counters["acks_received_total"] += len(mids)
+                elif kind == KIND_NOMATCH:
+                    realm, topics = _NOMATCH_DEC.decode(msg.payload)
+                    d = self._disc.get(realm)
+                    self.counters["nomatch_received_total"] += len(topics)
+                    if d is not None:
+                        now = self._now()
+                        for topic in topics:
+                            d.prune(topic, link.peer_id, now)
+                else:
+                    self.counters["bad_input_total"] += 1
+                    self.drops["unknown_kind"] += 1
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.counters["bad_input_total"] += 1
+        self._flush_control()
+        if self._acks:
+            self._schedule_flush()
+
+    def on_message(self, link: PeerLink, kind: int, payload: bytes) -> None:
+        self.on_messages(link, [wm.Msg(kind, payload)])
+
+    def _on_pub(self, link: PeerLink, payload: bytes) -> None:
+        realm, entries = _PUB_DEC.decode(payload)
+        self.counters["frames_in_total"] += 1
+        self.counters["messages_received_total"] += len(entries)
+        broker = self.broker
+        now = self._now()
+        broker.now = now
+        origin = link.peer_id
+        local = self._local.get(realm)
+        seen: dict[str, bool] = {}
+        nomatch: list[str] = []
+        acks = self._acks
+        inbox = self.inbox
+        for mid, topic, data, groups in entries:
+            if mid and not inbox.accept(origin, mid, now):
+                acks.setdefault(origin, []).append(mid)  # a repeat: acknowledge again
+                continue
+            hit = seen.get(topic)
+            if hit is None:
+                try:
+                    hit = local is not None and bool(local.trie.match(topic))
+                except (ValueError, TypeError):
+                    self.counters["bad_input_total"] += 1
+                    seen[topic] = False
+                    continue
+                seen[topic] = hit
+                if not hit and not groups:
+                    nomatch.append(topic)
+            if mid:
+                broker.inject(realm, topic, data, 1, groups,
+                              _Ack(self, origin, mid) if broker.fanout is not None else None)
+                if broker.fanout is None:
+                    acks.setdefault(origin, []).append(mid)
+            elif hit or groups:
+                broker.inject(realm, topic, data, 0, groups)
+        if nomatch:
+            self.counters["nomatch_sent_total"] += len(nomatch)
+            with contextlib.suppress(LinkError):
+                link.send_nowait(KIND_NOMATCH, _enc.encode((realm, nomatch)))
+
+    def on_link_up(self, link: PeerLink) -> None:
+        self._dead.pop(link.peer_id)
+        if link.addr is not None:
+            self._learn(link.peer_id, link.addr)
+
+    def on_link_down(self, link: PeerLink, code: int, reason: str) -> None:
+        self.dht.on_link_down(link, code, reason)
+        if not self._running:
+            return
+        if code == wm.CLOSE_SHUTDOWN or link.addr is None:
+            self._node_gone(link.peer_id)
+        elif (code not in (wm.CLOSE_REPLACED, wm.CLOSE_EVICTED, wm.CLOSE_NORMAL)
+              and link.peer_id not in self._checking):
+            self._checking.add(link.peer_id)
+            self._spawn(self._check(link))
+
+    async def _check(self, link: PeerLink) -> None:
+        """The link broke: re-dial; if that fails, the node is gone."""
+        try:
+            await link.connected()
+        except (LinkError, OSError, asyncio.TimeoutError):
+            self._node_gone(link.peer_id)
+        finally:
+            self._checking.discard(link.peer_id)
+
+    def _node_gone(self, node: bytes) -> None:
+        if self._dead.get(node) is not None:
+            return
+        self.counters["nodes_gone_total"] += 1
+        self._dead.put(node, True)
+        for d in self._disc.values():
+            d.forget_node(node)
+        self.rpc.forget_node(node)
+
+    # -- figures --------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        hits = misses = pending = dropped = pruned = 0
+        for d in self._disc.values():
+            c = d.counters
+            hits += c["routes_hit"]
+            misses += c["routes_miss"]
+            dropped += c["pending_dropped"]
+            pruned += c["pruned"]
+            pending += d.pending
+        out["route_hits_total"] = hits
+        out["route_misses_total"] = misses
+        out["pruned_total"] = pruned
+        out["pending"] = pending
+        drops = dict(self.drops)
+        if dropped:
+            drops["pending_full"] = dropped
+        out["drops_total"] = drops
+        out["qos1_inflight"] = sum(len(ob) for ob in self._outboxes.values())
+        out["qos1_resent_total"] = sum(ob.counters["resent"] for ob in self._outboxes.values())
+        out["duplicates_total"] = self.inbox.counters["duplicates"]
+        ws = self.endpoint.stats_snapshot()
+        out["links"] = ws.get("links", 0)
+        out["links_open"] = ws.get("links_open", 0)
+        dht = self.dht.stats() if self.dht._core is not None else {}
+        out["dht_queries_total"] = dht.get("queries_out", 0)
+        out["dht_contacts"] = dht.get("contacts", 0)
+        lt = sorted(self.lookup_times)
+        out["discovery_latency_p50_ms"] = round(lt[len(lt) // 2] * 1000, 3) if lt else 0.0
+        out.update(self.rpc.stats())
+        return out
+
+
+class _Ack:
+    """Acknowledge a QoS 1 message from another node once the shards delivered it."""
+
+    __slots__ = ("mesh", "mid", "origin")
+
+    def __init__(self, mesh: Mesh, origin: bytes, mid: int) -> None:
+        self.mesh = mesh
+        self.origin = origin
+        self.mid = mid
+
+    def __call__(self) -> None:
+        self.mesh._acks.setdefault(self.origin, []).append(self.mid)
+        self.mesh._schedule_flush()
+
+
+class _Rpc:
+    """RPC across nodes: advertising providers, calling remote ones, serving calls."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.m = rpc
+        cfg = mesh.config
+        self.providers = rpc.ProviderCache(self_id=mesh.node_id, ttl=cfg.provider_ttl,
+                                           negative_ttl=0.5)
+        self.selector = rpc.Selector(rng=mesh.rng)
+        self.results = rpc.ResultCache(max_entries=cfg.result_cache_size)
+        self._lookups: dict[tuple[str, str], asyncio.Future[list[Any]]] = {}
+        self.counters: Counter[str] = Counter()
+
+    def advertise(self, realm: str, procedure: str, strategy: str, idempotent: bool,
+                  cache_ttl: float) -> None:
+        rec = self.m.ProviderRecord(self.mesh.node_id, self.mesh.listen_address, strategy,
+                                    idempotent, cache_ttl)
+        key = dht_key(realm, "rpc", procedure)
+        self.mesh._spawn(self.mesh._put(key, self.m.encode_provider(rec),
+                                        self.mesh.config.record_ttl))
+
+    def withdraw(self, realm: str, procedure: str) -> None:
+        key = dht_key(realm, "rpc", procedure)
+        # an empty value replaces ours on the storing nodes, then it is no longer republished
+        self.mesh._spawn(self._withdraw(key))
+
+    async def _withdraw(self, key: bytes) -> None:
+        await self.mesh._put(key, b"", 60.0)
+        with contextlib.suppress(RuntimeError):
+            self.mesh.dht.unpublish(key)
+
+    def forget_node(self, node: bytes) -> None:
+        self.providers.forget_node(node, self.mesh._now())
+
+    async def _provider_list(self, realm: str, procedure: str) -> list[Any]:
+        mesh = self.mesh
+        now = mesh._now()
+        cached = self.providers.get(realm, procedure, now)
+        if cached is not None:
+            return list(cached)
+        key = (realm, procedure)
+        fut = self._lookups.get(key)
+        if fut is None:
+            assert mesh._loop is not None
+            fut = mesh._loop.create_future()
+            self._lookups[key] = fut
+            try:
+                mesh.counters["dht_lookups_total"] += 1
+                values = await mesh.dht.get(dht_key(realm, "rpc", procedure))
+                recs = []
+                for v in values:
+                    rec = self.m.decode_provider(v) if v else None
+                    if rec is None:
+                        if v:
+                            mesh.counters["bad_records_total"] += 1
+                        continue
+                    if mesh._dead.get(rec.node_id) is not None:
+                        continue
+                    mesh._learn(rec.node_id, rec.endpoint)
+                    recs.append(rec)
+                fut.set_result(self.providers.put(realm, procedure, recs, mesh._now()))
+            except Exception as exc:  # handed to every waiter
+                mesh.counters["dht_lookup_failures_total"] += 1
+                fut.set_exception(exc)
+            finally:
+                self._lookups.pop(key, None)
+        return list(await asyncio.shield(fut))
+
+    async def call(self, s: Session, rid: int, realm: str, procedure: str, args: bytes,
+                   timeout: float) -> None:
+        mesh = self.mesh
+        broker = mesh.broker
+        loop = mesh._loop
+        assert loop is not None
+        deadline = loop.time() + timeout
+        self.counters["calls_forwarded_total"] += 1
+        try:
+            try:
+                recs = await asyncio.wait_for(self._provider_list(realm, procedure), timeout)
+            except asyncio.TimeoutError:
+                broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
+                return
+            except (LinkError, OSError, RuntimeError) as exc:
+                broker.call_done(s, rid, None, Err.NO_PROVIDER,
+                                 f"provider lookup for {procedure!r} failed: {exc}")
+                return
+            if not recs:
+                broker.call_done(s, rid, None, Err.NO_PROVIDER,
+                                 f"no provider for {procedure!r} in the mesh")
+                return
+            strategy = self.m.agreed_strategy(recs)
+            cache_ttl = min(r.cache_ttl for r in recs)
+            if cache_ttl > 0:
+                hit = self.results.get(realm, procedure, args, loop.time())
+                if hit is not None:
+                    broker.call_done(s, rid, hit)
+                    return
+            plan = self.m.CallPlan(self.selector.order(realm, procedure, strategy, recs),
+                                   max_attempts=mesh.config.max_call_attempts)
+            payload = _enc.encode((realm, procedure, msgspec.Raw(args or b"\xc0"),
+                                   int(timeout * 1000)))
+            last = "no provider answered"
+            code = Err.NO_PROVIDER
+            while True:
+                rec = plan.next_target()
+                if rec is None:
+                    broker.call_done(s, rid, None, code, last)
+                    return
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
+                    return
+                delivered = False
+                t0 = loop.time()
+                try:
+                    link = mesh.endpoint.pool.peek(rec.node_id)
+                    if link is None or not link.is_open:
+                        link = await asyncio.wait_for(
+                            mesh.endpoint.pool.get(rec.node_id, rec.endpoint or None),
+                            remaining)
+                    delivered = True  # from here a failure may be after delivery
+                    data = await link.request(KIND_CALL, payload, deadline - loop.time())
+                except RemoteError as exc:
+                    err = _ERR_OF_STATUS.get(exc.status)
+                    if exc.status == STATUS_NO_PROVIDER:
+                        delivered = False  # it never reached an application
+                        self.providers.forget_node(rec.node_id, loop.time())
+                    elif err is not None:
+                        if err is Err.PROVIDER_GONE and plan.on_failure(True, rec.idempotent):
+                            self.counters["calls_failed_over_total"] += 1
+                            code, last = err, exc.message
+                            continue
+                        broker.call_done(s, rid, None, err, exc.message)
+                        return
+                    code, last = Err.NO_PROVIDER, exc.message
+                    if plan.on_failure(delivered, rec.idempotent):
+                        self.counters["calls_failed_over_total"] += 1
+                        continue
+                    broker.call_done(s, rid, None, code, last)
+                    return
+                except (RequestTimeout, asyncio.TimeoutError):
+                    self.selector.failed(rec.node_id)
+                    if delivered and plan.on_failure(True, rec.idempotent) \
+                            and deadline > loop.time():
+                        self.counters["calls_failed_over_total"] += 1
+                        continue
+                    broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
+                    return
+                except (LinkClosed, DialError, LinkError, OSError) as exc:
+                    self.selector.failed(rec.node_id)
+                    after = isinstance(exc, LinkClosed) and "delivered" in str(exc)
+                    if not after:
+                        self.providers.forget_node(rec.node_id, loop.time())
+                    code, last = Err.PROVIDER_GONE, f"provider unreachable: {exc}"
+                    if plan.on_failure(after, rec.idempotent):
+                        self.counters["calls_failed_over_total"] += 1
+                        continue
+                    broker.call_done(s, rid, None, code, last)
+                    return
+                self.selector.observe(rec.node_id, loop.time() - t0)
+                if cache_ttl > 0:
+                    self.results.put(realm, procedure, args, data, cache_ttl, loop.time())
+                broker.call_done(s, rid, data)
+                return
+        except asyncio.CancelledError:
+            if not s.closed:
+                broker.call_done(s, rid, None, Err.SHUTDOWN, "node stopping")
+            raise
+        finally:
+            mesh._flush_control()
+
+    def serve(self, link: PeerLink, payload: bytes) -> Awaitable[bytes]:
+        """A CALL from another node for a local provider."""
+        mesh = self.mesh
+        try:
+            realm, procedure, args, timeout_ms = _CALL_DEC.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            mesh.counters["bad_input_total"] += 1
+            raise RequestRejected(STATUS_BAD_CALL, f"bad CALL: {exc}") from None
+        loop = mesh._loop
+        assert loop is not None
+        fut: asyncio.Future[bytes] = loop.create_future()
+
+        def done(command: bytes) -> None:
+            if not fut.done():
+                fut.set_result(command)
+
+        broker = mesh.broker
+        broker.now = loop.time()
+        timeout = (timeout_ms / 1000.0) if timeout_ms > 0 else broker.limits.call_timeout
+        if not broker.invoke(realm, procedure, bytes(args), timeout, done):
+            raise RequestRejected(STATUS_NO_PROVIDER, f"no provider for {procedure!r} here")
+        self.counters["calls_served_total"] += 1
+        mesh._flush_control()
+        return self._answer(fut)
+
+    async def _answer(self, fut: asyncio.Future[bytes]) -> bytes:
+        command = await fut
+        parts = _CMD_DEC.decode(command)
+        code = msgspec.msgpack.decode(parts[0])
+        if code == int(Code.RESULT):
+            return bytes(parts[2]) if len(parts) > 2 else b"\xc0"
+        err = Err(msgspec.msgpack.decode(parts[2]))
+        message = msgspec.msgpack.decode(parts[3]) if len(parts) > 3 else ""
+        raise RequestRejected(_STATUS_OF_ERR.get(err, STATUS_APPLICATION_ERROR), str(message))
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        out["result_cache_hits_total"] = self.results.counters.get("hits", 0)
+        return out
+
+
