@@ -81,7 +81,7 @@ __all__ = [
 log = logging.getLogger("macula.client")
 
 T = TypeVar("T")
-STRATEGIES: Final = ("round_robin", "random", "first")
+STRATEGIES: Final = ("round_robin", "random", "first", "lowest_latency")
 _MAX_ID: Final = (1 << 53) - 1
 _enc = msgspec.msgpack.Encoder()
 _dec_any: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
@@ -434,21 +434,30 @@ class Client:
 
     async def register(
         self, procedure: str, handler: Handler, strategy: str = "round_robin",
-        timeout: float = 10.0,
+        timeout: float = 10.0, *, idempotent: bool = False, cache_ttl: float = 0.0,
     ) -> Registration:
-        """REGISTER ``procedure``; ``handler(args)`` (plain or async) answers each call."""
+        """REGISTER ``procedure``; ``handler(args)`` (plain or async) answers each call.
+
+        ``strategy`` picks among providers (across the mesh too); ``idempotent`` lets a
+        caller's node retry a call on another provider after it was delivered (link lost,
+        timeout); ``cache_ttl`` (seconds) lets callers' nodes cache results per arguments."""
         _check_procedure(procedure)
         if not callable(handler):
             raise TypeError("handler must be callable")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        if not isinstance(idempotent, bool):
+            raise TypeError("idempotent must be a bool")
+        if not 0 <= cache_ttl <= 86_400:
+            raise ValueError("cache_ttl must be between 0 and 86400 seconds")
         def on_registered(reply: p.Registered) -> Registration:
             reg = Registration(procedure, reply.reg_id, handler)
             self._regs[reg.reg_id] = reg
             return reg
 
         return cast(Registration, await self._request(
-            Code.REGISTER, procedure, strategy, timeout=timeout, on_reply=on_registered))
+            Code.REGISTER, procedure, strategy, idempotent, int(cache_ttl * 1000),
+            timeout=timeout, on_reply=on_registered))
 
     async def unregister(self, reg: Registration, timeout: float = 10.0) -> bool:
         reply = await self._request(Code.UNREGISTER, reg.reg_id, timeout=timeout)
@@ -824,9 +833,10 @@ class BlockingClient:
     def call(self, procedure: str, args: Any = None, timeout: float | None = None) -> Any:
         return self._run(self.client.call(procedure, args, timeout))
 
-    def register(self, procedure: str, handler: Handler,
-                 strategy: str = "round_robin") -> Registration:
-        return self._run(self.client.register(procedure, handler, strategy))
+    def register(self, procedure: str, handler: Handler, strategy: str = "round_robin", *,
+                 idempotent: bool = False, cache_ttl: float = 0.0) -> Registration:
+        return self._run(self.client.register(procedure, handler, strategy,
+                                              idempotent=idempotent, cache_ttl=cache_ttl))
 
     def unregister(self, reg: Registration) -> bool:
         return self._run(self.client.unregister(reg))
