@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -77,6 +78,68 @@ _SHARD_SPEC: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+# mesh stats key -> (metric name without _total, kind, help, label for dict values)
+_MESH_SPEC: tuple[tuple[str, str, str, str, str], ...] = (
+    ("messages_forwarded_total", "macula_mesh_messages_forwarded", "counter",
+     "Messages sent to other nodes (one per node)", ""),
+    ("messages_received_total", "macula_mesh_messages_received", "counter",
+     "Messages received from other nodes", ""),
+    ("frames_out_total", "macula_mesh_pub_frames_out", "counter", "PUB frames sent", ""),
+    ("route_hits_total", "macula_mesh_route_hits", "counter",
+     "Publishes routed from the subscriber cache", ""),
+    ("route_misses_total", "macula_mesh_route_misses", "counter",
+     "Publishes that needed discovery (queued or recomputed)", ""),
+    ("route_hit_ratio", "macula_mesh_route_hit_ratio", "gauge",
+     "Subscriber-cache hit ratio since start", ""),
+    ("dht_lookups_total", "macula_mesh_dht_lookups", "counter",
+     "DHT lookups started by the mesh (anchors, providers)", ""),
+    ("dht_queries_total", "macula_mesh_dht_queries", "counter",
+     "DHT queries sent to other nodes", ""),
+    ("dht_puts_total", "macula_mesh_dht_puts", "counter", "DHT records put", ""),
+    ("dht_contacts", "macula_mesh_dht_contacts", "gauge", "Contacts in the routing table", ""),
+    ("discovery_latency_p50_ms", "macula_mesh_discovery_latency_p50_ms", "gauge",
+     "Median DHT lookup time of the last 1,024 discovery lookups (ms)", ""),
+    ("discovery_latency_p99_ms", "macula_mesh_discovery_latency_p99_ms", "gauge",
+     "99th percentile of the same (ms)", ""),
+    ("publish_to_send_p50_ms", "macula_mesh_publish_to_send_p50_ms", "gauge",
+     "Median wait of a forwarded message in the node before its frame is written (ms)", ""),
+    ("publish_to_send_p99_ms", "macula_mesh_publish_to_send_p99_ms", "gauge",
+     "99th percentile of the same (ms)", ""),
+    ("pending", "macula_mesh_pending_messages", "gauge",
+     "Messages waiting for discovery", ""),
+    ("qos1_inflight", "macula_mesh_qos1_inflight", "gauge",
+     "QoS 1 messages sent to other nodes and not acknowledged", ""),
+    ("qos1_resent_total", "macula_mesh_qos1_resent", "counter",
+     "QoS 1 messages re-sent to other nodes", ""),
+    ("duplicates_total", "macula_mesh_duplicates", "counter",
+     "Repeated QoS 1 messages from other nodes (not delivered again)", ""),
+    ("nomatch_sent_total", "macula_mesh_nomatch_sent", "counter",
+     "Topics answered with NOMATCH", ""),
+    ("pruned_total", "macula_mesh_routes_pruned", "counter",
+     "Routes pruned after a NOMATCH", ""),
+    ("nodes_gone_total", "macula_mesh_nodes_gone", "counter", "Nodes found dead", ""),
+    ("links_open", "macula_mesh_links_open", "gauge", "Open links to other nodes", ""),
+    ("calls_forwarded_total", "macula_mesh_calls_forwarded", "counter",
+     "Calls sent to providers on other nodes", ""),
+    ("calls_served_total", "macula_mesh_calls_served", "counter",
+     "Calls from other nodes served here", ""),
+    ("calls_failed_over_total", "macula_mesh_calls_failed_over", "counter",
+     "Calls retried on another provider", ""),
+    ("bad_input_total", "macula_mesh_bad_input", "counter",
+     "Malformed mesh frames or messages from peers", ""),
+    ("drops_total", "macula_mesh_drops", "counter", "Mesh messages dropped, by reason", "reason"),
+)
+
+
+def _rss_bytes() -> float:
+    """Resident memory of this process (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return float(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class BrokerCollector(Collector):
     """Turns a ``stats()`` callable into Prometheus metric families at scrape time."""
 
@@ -87,7 +150,21 @@ class BrokerCollector(Collector):
         return list(self._families(self._stats()))
 
     def _families(self, stats: dict[str, Any]) -> Iterator[Metric]:
-        for key, name, kind, doc, label in _SPEC:
+        yield from self._plain(_SPEC, stats)
+        shards = stats.get("shards")
+        if shards:
+            yield from self._shard_families(shards)
+        mesh = stats.get("mesh")
+        if mesh:
+            yield from self._plain(_MESH_SPEC, mesh)
+        rss = GaugeMetricFamily("macula_node_resident_bytes",
+                                "Resident memory of the node process")
+        rss.add_metric([], _rss_bytes())
+        yield rss
+
+    def _plain(self, spec: tuple[tuple[str, str, str, str, str], ...],
+               stats: dict[str, Any]) -> Iterator[Metric]:
+        for key, name, kind, doc, label in spec:
             value = stats.get(key, 0)
             family: CounterMetricFamily | GaugeMetricFamily
             if kind == "counter":
@@ -100,9 +177,6 @@ class BrokerCollector(Collector):
             else:
                 family.add_metric([], float(value))
             yield family
-        shards = stats.get("shards")
-        if shards:
-            yield from self._shard_families(shards)
 
     def _shard_families(self, shards: list[dict[str, Any]]) -> Iterator[Metric]:
         for key, name, kind, doc in _SHARD_SPEC:

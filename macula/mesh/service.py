@@ -51,7 +51,8 @@ Nodes that die
 Wire kinds (one-way unless noted): 0x20 PUB ``[realm, [[mid, topic, payload, groups]...]]``,
 0x21 ACK ``[mid...]``, 0x22 NOMATCH ``[realm, [topic...]]``, 0x23 CALL (request)
 ``[realm, procedure, args, timeout_ms]`` answered with the result's msgpack bytes or a
-status 0x30-0x34.
+status 0x30-0x34, 0x24 ERROR ``[kind, message]`` (a malformed one-way message was dropped;
+both ends count it, the link stays up).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from typing import Any
 
 import msgspec
 
-from macula import TopicTrie, TTLCache, parse_shared
+from macula import TopicTrie, TTLCache, parse_shared, validate_topic
 from macula.control import protocol as p
 from macula.control.protocol import Code, Err
 from macula.dht import messages as dm
@@ -99,6 +100,7 @@ KIND_PUB = 0x20
 KIND_ACK = 0x21
 KIND_NOMATCH = 0x22
 KIND_CALL = 0x23
+KIND_ERROR = 0x24  # [kind, message]: a one-way message of ``kind`` was refused
 
 STATUS_NO_PROVIDER = 0x30
 STATUS_APPLICATION_ERROR = 0x31
@@ -115,6 +117,7 @@ _ERR_OF_STATUS = {
 _STATUS_OF_ERR = {v: k for k, v in _ERR_OF_STATUS.items()}
 
 _MAX_ENTRIES_PER_FRAME = 4096
+_BAD = object()  # a topic refused in this frame
 _NO_GROUPS = b"\x90"
 
 _enc = msgspec.msgpack.Encoder()
@@ -223,6 +226,8 @@ class Mesh(WireHandler):
         self._timer: asyncio.TimerHandle | None = None
         self._running = False
         self.lookup_times: deque[float] = deque(maxlen=1024)  # discovery latency samples (s)
+        self.send_delays: deque[float] = deque(maxlen=1024)  # publish-to-send samples (s)
+        self._queued_at = 0.0
         self.rpc = _Rpc(self)
         self.counters: Counter[str] = Counter()
         for k in ("messages_forwarded_total", "messages_received_total", "frames_out_total",
@@ -230,7 +235,7 @@ class Mesh(WireHandler):
                   "acks_sent_total", "acks_received_total", "dht_lookups_total",
                   "dht_lookup_failures_total", "dht_puts_total", "calls_forwarded_total",
                   "calls_served_total", "calls_failed_over_total", "nodes_gone_total",
-                  "bad_input_total", "bad_records_total"):
+                  "bad_input_total", "errors_received_total", "bad_records_total"):
             self.counters[k] = 0
         self.drops: Counter[str] = Counter()
 
@@ -408,8 +413,7 @@ class Mesh(WireHandler):
                 lst.append(entry)
         self.counters["messages_forwarded_total"] += len(targets)
         if self._flush_handle is None:
-            assert self._loop is not None
-            self._flush_handle = self._loop.call_soon(self._flush_now)
+            self._schedule_flush()
 
     def _outbox(self, node: bytes) -> Outbox[tuple[str, bytes, bytes]]:
         ob = self._outboxes.get(node)
@@ -433,6 +437,9 @@ class Mesh(WireHandler):
     def _flush_now(self) -> None:
         self._flush_handle = None
         out, self._out = self._out, {}
+        if out and self._loop is not None:
+            # publish-to-send: how long the oldest entry of this flush waited in the node
+            self.send_delays.append(self._loop.time() - self._queued_at)
         for node, by_realm in out.items():
             link = self._link(node)
             n_entries = sum(len(v) for v in by_realm.values())
@@ -463,6 +470,7 @@ class Mesh(WireHandler):
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and self._loop is not None:
+            self._queued_at = self._loop.time()
             self._flush_handle = self._loop.call_soon(self._flush_now)
 
     # -- discovery ------------------------------------------------------------------------
@@ -572,6 +580,8 @@ class Mesh(WireHandler):
                     if ob is not None:
                         ob.ack(mids)
                     self.counters["acks_received_total"] += len(mids)
+                elif kind == KIND_ERROR:
+                    self.counters["errors_received_total"] += 1
                 elif kind == KIND_NOMATCH:
                     realm, topics = _NOMATCH_DEC.decode(msg.payload)
                     d = self._disc.get(realm)
@@ -581,13 +591,18 @@ class Mesh(WireHandler):
                         for topic in topics:
                             d.prune(topic, link.peer_id, now)
                 else:
-                    self.counters["bad_input_total"] += 1
-                    self.drops["unknown_kind"] += 1
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                self.counters["bad_input_total"] += 1
+                    self._refuse(link, kind, f"unknown message kind 0x{kind:x}")
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._refuse(link, kind, f"malformed message of kind 0x{kind:x}: {exc}")
         self._flush_control()
         if self._acks:
             self._schedule_flush()
+
+    def _refuse(self, link: PeerLink, kind: int, message: str) -> None:
+        """Count a bad one-way message and tell its sender (it is dropped, nothing else)."""
+        self.counters["bad_input_total"] += 1
+        with contextlib.suppress(LinkError):
+            link.send_nowait(KIND_ERROR, _enc.encode((kind, message[:300])))
 
     def on_message(self, link: PeerLink, kind: int, payload: bytes) -> None:
         self.on_messages(link, [wm.Msg(kind, payload)])
@@ -601,7 +616,7 @@ class Mesh(WireHandler):
         broker.now = now
         origin = link.peer_id
         local = self._local.get(realm)
-        seen: dict[str, bool] = {}
+        seen: dict[str, Any] = {}
         nomatch: list[str] = []
         acks = self._acks
         inbox = self.inbox
@@ -612,14 +627,22 @@ class Mesh(WireHandler):
             hit = seen.get(topic)
             if hit is None:
                 try:
-                    hit = local is not None and bool(local.trie.match(topic))
-                except (ValueError, TypeError):
-                    self.counters["bad_input_total"] += 1
-                    seen[topic] = False
-                    continue
-                seen[topic] = hit
-                if not hit and not groups:
-                    nomatch.append(topic)
+                    if local is not None:
+                        hit = bool(local.trie.match(topic))
+                    else:
+                        validate_topic(topic)
+                        hit = False
+                except (ValueError, TypeError) as exc:
+                    self._refuse(link, KIND_PUB, f"invalid topic {topic[:100]!r}: {exc}")
+                    hit = seen[topic] = _BAD
+                else:
+                    seen[topic] = hit
+                    if not hit and not groups:
+                        nomatch.append(topic)
+            if hit is _BAD:
+                if mid:  # refused for good: no point in re-sending it
+                    acks.setdefault(origin, []).append(mid)
+                continue
             if mid:
                 broker.inject(realm, topic, data, 1, groups,
                               _Ack(self, origin, mid) if broker.fanout is not None else None)
@@ -695,8 +718,13 @@ class Mesh(WireHandler):
         dht = self.dht.stats() if self.dht._core is not None else {}
         out["dht_queries_total"] = dht.get("queries_out", 0)
         out["dht_contacts"] = dht.get("contacts", 0)
-        lt = sorted(self.lookup_times)
-        out["discovery_latency_p50_ms"] = round(lt[len(lt) // 2] * 1000, 3) if lt else 0.0
+        for name, samples in (("discovery_latency", self.lookup_times),
+                              ("publish_to_send", self.send_delays)):
+            xs = sorted(samples)
+            out[f"{name}_p50_ms"] = round(xs[len(xs) // 2] * 1000, 3) if xs else 0.0
+            out[f"{name}_p99_ms"] = round(xs[int(len(xs) * 0.99)] * 1000, 3) if xs else 0.0
+        total = out["route_hits_total"] + out["route_misses_total"]
+        out["route_hit_ratio"] = round(out["route_hits_total"] / total, 4) if total else 0.0
         out.update(self.rpc.stats())
         return out
 

@@ -1,0 +1,252 @@
+"""The mesh inside real nodes (one process, one loop; real QUIC and ZeroMQ): the parts that
+need a look inside a node — bad input from a peer, NOMATCH pruning, shards behind the
+mesh, RPC result caching, the metrics. The 5-node tests in separate processes are in
+tests/test_mesh_nodes.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from macula.client import Client, PubackReason, RemoteError
+from macula.control.protocol import Err
+from macula.config import NodeConfig
+from macula.mesh import service as ms
+from macula.node import Node
+from macula.wire import NodeIdentity, PeerLink, WireEndpoint, WireHandler
+
+
+def _cfg(**kw: Any) -> NodeConfig:
+    base: dict[str, Any] = dict(endpoints=["tcp://127.0.0.1:0"], metrics_port=-1, mesh_port=0,
+                                shards=0, tick_interval=0.02)
+    base.update(kw)
+    return NodeConfig(**base)
+
+
+async def _until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        assert loop.time() < end, f"not reached in {timeout} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _visible(pub: Client, topic: str, got: list[Any]) -> None:
+    """Publish probes on ``topic`` until one arrives (the subscription is routed to)."""
+    for _ in range(100):
+        await pub.publish(topic, b"probe", qos=1)
+        await asyncio.sleep(0.1)
+        if got:
+            await asyncio.sleep(0.2)
+            got.clear()
+            return
+    raise AssertionError("the subscription never became visible to the publisher")
+
+
+def _mesh(*cfgs: NodeConfig) -> Callable[[Callable[..., Awaitable[None]]], None]:
+    """Run ``body(*nodes)`` with nodes started from ``cfgs`` (each later one seeded with the
+    first node's mesh address), always stopping them."""
+
+    def run(body: Callable[..., Awaitable[None]]) -> None:
+        async def main() -> None:
+            nodes: list[Node] = []
+            try:
+                for i, cfg in enumerate(cfgs):
+                    if i:
+                        cfg.seeds = [nodes[0].mesh_address]
+                    n = Node(cfg)
+                    await n.start()
+                    nodes.append(n)
+                await body(*nodes)
+            finally:
+                for n in reversed(nodes):
+                    await n.stop()
+
+        asyncio.run(main())
+
+    return run
+
+
+def test_a_node_alone_answers_no_subscribers_at_once() -> None:
+    @_mesh(_cfg())
+    async def body(a: Node) -> None:
+        c = await Client.connect(a.endpoints[0])
+        assert await c.publish("nobody/here", b"x", qos=1) is PubackReason.NO_SUBSCRIBERS
+        stats = (await c.stats())["mesh"]
+        assert stats["messages_forwarded_total"] == 0 and stats["pending"] == 0
+        await c.close()
+
+
+class _Peer(WireHandler):
+    def __init__(self) -> None:
+        self.msgs: list[tuple[int, bytes]] = []
+
+    def on_message(self, link: PeerLink, kind: int, payload: bytes) -> None:
+        self.msgs.append((kind, payload))
+
+
+def test_bad_input_from_a_peer_is_refused_with_a_reason_and_the_node_serves_on() -> None:
+    @_mesh(_cfg(), _cfg())
+    async def body(a: Node, b: Node) -> None:
+        assert a.mesh is not None
+        pub = await Client.connect(a.endpoints[0])
+        subc = await Client.connect(b.endpoints[0])
+        got: list[bytes] = []
+        await subc.subscribe("ok/#", callback=lambda m: got.append(m.payload))
+        await _visible(pub, "ok/x", got)
+        # a peer node of the same network that sends garbage
+        peer = _Peer()
+        ep = WireEndpoint(NodeIdentity.generate(), handler=peer, realm="macula")
+        await ep.start()
+        try:
+            host, port = a.mesh_address.split(":")
+            link = await ep.connect_seed((host, int(port)))
+            enc = msgspec.msgpack.encode
+            link.send_nowait(ms.KIND_PUB, b"\xc1 not msgpack")
+            link.send_nowait(ms.KIND_PUB, enc(("default", [[0, "a/+/b", b"x", []]])))
+            link.send_nowait(ms.KIND_PUB, enc(("default", [[7, "", b"x", []]])))
+            link.send_nowait(ms.KIND_ACK, enc("not a list"))
+            link.send_nowait(0x2F, b"")
+            await _until(lambda: len([k for k, _ in peer.msgs if k == ms.KIND_ERROR]) >= 5,
+                         what="five ERROR replies")
+            errors = [msgspec.msgpack.decode(p) for k, p in peer.msgs if k == ms.KIND_ERROR]
+            assert [e[0] for e in errors] == [ms.KIND_PUB, ms.KIND_PUB, ms.KIND_PUB,
+                                              ms.KIND_ACK, 0x2F]
+            assert "malformed message of kind 0x20" in errors[0][1]
+            assert "invalid topic 'a/+/b'" in errors[1][1]
+            assert "invalid topic ''" in errors[2][1]
+            assert "unknown message kind 0x2f" in errors[4][1]
+            # the refused QoS 1 message is acknowledged (never re-sent) and not delivered
+            acks = [msgspec.msgpack.decode(p) for k, p in peer.msgs if k == ms.KIND_ACK]
+            assert [7] in acks
+            assert (await pub.stats())["mesh"]["bad_input_total"] == 5
+            assert link.is_open  # the link stays up
+        finally:
+            await ep.close()
+        # everyone else is served as before
+        await pub.publish("ok/after", b"after", qos=1)
+        await _until(lambda: b"after" in got, what="delivery after the bad input")
+        await pub.close()
+        await subc.close()
+
+
+def test_nomatch_prunes_the_route_until_discovery_changes() -> None:
+    # the publisher's node does not refresh (min interval 60 s): only NOMATCH can prune
+    @_mesh(_cfg(mesh_min_interval=60.0), _cfg())
+    async def body(a: Node, b: Node) -> None:
+        pub = await Client.connect(a.endpoints[0])
+        subc = await Client.connect(b.endpoints[0])
+        got: list[bytes] = []
+        sub = await subc.subscribe("news/#", callback=lambda m: got.append(m.payload))
+        # A looks up once only: let B's record be stored first
+        await _until(lambda: b.stats()["mesh"]["dht_puts_total"] >= 1, what="B advertised")
+        await asyncio.sleep(0.5)
+        await _visible(pub, "news/x", got)
+        await subc.unsubscribe(sub)
+        before = (await pub.stats())["mesh"]
+        for _ in range(5):
+            await pub.publish("news/x", b"after", qos=0)
+            await asyncio.sleep(0.05)
+        await _until(lambda: a.stats()["mesh"]["pruned_total"] >= 1, what="route pruned")
+        mid = (await pub.stats())["mesh"]
+        for _ in range(20):
+            await pub.publish("news/x", b"again")
+        await asyncio.sleep(0.3)
+        after = (await pub.stats())["mesh"]
+        assert got == []
+        assert mid["messages_forwarded_total"] > before["messages_forwarded_total"]
+        assert after["messages_forwarded_total"] == mid["messages_forwarded_total"]
+        assert b.stats()["mesh"]["nomatch_sent_total"] >= 1
+        await pub.close()
+        await subc.close()
+
+
+def test_qos1_into_a_node_with_shards_is_acked_after_the_shards_delivered() -> None:
+    @_mesh(_cfg(), _cfg(shards=1))
+    async def body(a: Node, b: Node) -> None:
+        pub = await Client.connect(a.endpoints[0])
+        subc = await Client.connect(b.endpoints[0])
+        got: list[bytes] = []
+        await subc.subscribe("jobs/+", qos=1, callback=lambda m: got.append(m.payload))
+        await _visible(pub, "jobs/probe", got)
+        await asyncio.gather(*(pub.publish(f"jobs/{i % 3}", b"%d" % i, qos=1)
+                               for i in range(300)))
+        await _until(lambda: len(got) >= 300, what="300 deliveries")
+        await _until(lambda: a.stats()["mesh"]["qos1_inflight"] == 0, what="all acked")
+        await asyncio.sleep(0.5)
+        assert sorted(int(x) for x in got) == list(range(300))
+        assert a.stats()["mesh"]["qos1_resent_total"] == 0
+        await pub.close()
+        await subc.close()
+
+
+def test_rpc_results_are_cached_per_arguments_when_the_registration_allows() -> None:
+    @_mesh(_cfg(), _cfg())
+    async def body(a: Node, b: Node) -> None:
+        caller = await Client.connect(a.endpoints[0])
+        prov = await Client.connect(b.endpoints[0])
+        calls: list[Any] = []
+
+        def square(x: int) -> int:
+            calls.append(x)
+            return x * x
+
+        await prov.register("square", square, cache_ttl=30.0)
+        await prov.register("square_fresh", square)
+        for _ in range(50):  # the registration reaches the DHT
+            try:
+                await caller.call("square", 3, timeout=2)
+                break
+            except RemoteError:
+                await asyncio.sleep(0.1)
+        calls.clear()
+        assert [await caller.call("square", 4) for _ in range(3)] == [16, 16, 16]
+        assert calls == [4]  # one invocation, two answers from the cache
+        assert await caller.call("square", 5) == 25
+        assert calls == [4, 5]
+        assert [await caller.call("square_fresh", 4) for _ in range(2)] == [16, 16]
+        assert calls == [4, 5, 4, 4]
+        stats = (await caller.stats())["mesh"]
+        assert stats["result_cache_hits_total"] >= 2
+        with pytest.raises(RemoteError) as err:
+            await caller.call("nothing.here", 1, timeout=5)
+        assert err.value.code is Err.NO_PROVIDER
+        await caller.close()
+        await prov.close()
+
+
+def test_metrics_serve_the_mesh_figures() -> None:
+    @_mesh(_cfg(metrics_port=0), _cfg())
+    async def body(a: Node, b: Node) -> None:
+        pub = await Client.connect(a.endpoints[0])
+        subc = await Client.connect(b.endpoints[0])
+        got: list[bytes] = []
+        await subc.subscribe("m/#", callback=lambda m: got.append(m.payload))
+        await _visible(pub, "m/x", got)
+        for i in range(100):
+            pub.publish_nowait("m/x", b"%d" % i)
+        await _until(lambda: len(got) >= 100, what="100 deliveries")
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        text = (await reader.read()).decode().split("\r\n\r\n", 1)[1]
+        writer.close()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, v = line.rpartition(" ")
+                values[name] = float(v)
+        assert values["macula_mesh_messages_forwarded_total"] >= 100
+        assert values["macula_mesh_route_hits_total"] >= 99
+        assert 0 < values["macula_mesh_route_hit_ratio"] <= 1
+        assert values["macula_mesh_dht_queries_total"] >= 1
+        assert values["macula_mesh_dht_lookups_total"] >= 1
+        assert values["macula_mesh_discovery_latency_p50_ms"] > 0
+        assert values["macula_mesh_publish_to_send_p50_ms"] >= 0
+        assert values["macula_mesh_links_open"] >= 1
+        assert values["macula_node_resident_bytes"] > 1e6
+        await pub.close()
+        await subc.close()
