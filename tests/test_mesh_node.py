@@ -13,8 +13,8 @@ import msgspec
 import pytest
 
 from macula.client import Client, PubackReason, RemoteError
-from macula.control.protocol import Err
 from macula.config import NodeConfig
+from macula.control.protocol import Err
 from macula.mesh import service as ms
 from macula.node import Node
 from macula.wire import NodeIdentity, PeerLink, WireEndpoint, WireHandler
