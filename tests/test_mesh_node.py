@@ -250,3 +250,75 @@ def test_metrics_serve_the_mesh_figures() -> None:
         assert values["macula_node_resident_bytes"] > 1e6
         await pub.close()
         await subc.close()
+
+
+def test_a_client_mode_node_is_reached_through_its_relay() -> None:
+    # A and B listen; C is in client mode (cannot be dialled) and keeps a link to A
+    @_mesh(_cfg(), _cfg(), _cfg(client_mode=True))
+    async def body(a: Node, b: Node, c: Node) -> None:
+        assert a.mesh is not None and b.mesh is not None and c.mesh is not None
+        assert c.mesh_address == "client"
+        assert c.mesh.via is not None and c.mesh.via[0] == a.mesh.node_id
+        pub = await Client.connect(b.endpoints[0])
+        subc = await Client.connect(c.endpoints[0])
+        got: list[bytes] = []
+        await subc.subscribe("cm/#", qos=1, callback=lambda m: got.append(m.payload))
+        await subc.register("cm.echo", lambda x: ["echo", x])
+        await _visible(pub, "cm/probe", got)
+        for _ in range(50):
+            try:
+                assert await pub.call("cm.echo", 0, timeout=3) == ["echo", 0]
+                break
+            except RemoteError:
+                await asyncio.sleep(0.1)  # NO_PROVIDER until the record is stored
+        else:
+            raise AssertionError("the client-mode provider was never reached")
+        # C's DHT traffic dialled B, so the two could talk on that link; once it goes
+        # (idle links are reaped; here both ends drop it and C forgets B's address), B
+        # can only reach C through A, and C answers B through A too
+        for x, y in ((b, c), (c, b)):
+            assert x.mesh is not None and y.mesh is not None
+            link = x.mesh.endpoint.pool.peek(y.mesh.node_id)
+            if link is not None:
+                x.mesh.endpoint.pool.evict(link, "test: as if reaped")
+        c.mesh._addrs.pop(b.mesh.node_id, None)
+        await asyncio.sleep(0.2)
+        relayed = a.stats()["mesh"]["relayed_total"]
+        await asyncio.gather(*(pub.publish(f"cm/{i % 4}", b"%d" % i, qos=1)
+                               for i in range(200)))
+        await _until(lambda: len(got) >= 200, what="200 relayed deliveries")
+        assert await pub.call("cm.echo", 7, timeout=3) == ["echo", 7]
+        await _until(lambda: b.stats()["mesh"]["qos1_inflight"] == 0, what="acks came back")
+        await asyncio.sleep(0.3)
+        assert sorted(int(x) for x in got) == list(range(200))
+        # B cannot dial C: the messages, the call and C's acknowledgements went through A
+        assert a.stats()["mesh"]["relayed_total"] >= relayed + 3
+        await pub.close()
+        await subc.close()
+
+
+def test_relays_refuse_beyond_the_hop_limit_and_unknown_targets() -> None:
+    @_mesh(_cfg(), _cfg(client_mode=True))
+    async def body(a: Node, c: Node) -> None:
+        assert a.mesh is not None and c.mesh is not None
+        peer = _Peer()
+        ep = WireEndpoint(NodeIdentity.generate(), handler=peer, realm="macula")
+        await ep.start()
+        try:
+            host, port = a.mesh_address.split(":")
+            link = await ep.connect_seed((host, int(port)))
+            enc = msgspec.msgpack.encode
+            pub = enc(("default", [[0, "x/y", b"z", []]]))
+            me = ep.identity.node_id
+            link.send_nowait(ms.KIND_RELAY, enc((me, c.mesh.node_id, 0, ms.KIND_PUB, pub)))
+            link.send_nowait(ms.KIND_RELAY, enc((me, b"\x07" * 32, 2, ms.KIND_PUB, pub)))
+            await _until(lambda: len(peer.msgs) >= 2, what="two refusals")
+            errors = [msgspec.msgpack.decode(p)[1] for k, p in peer.msgs if k == ms.KIND_ERROR]
+            assert errors[0] == "hop limit reached"
+            assert errors[1].startswith("no link to 070707")
+            assert a.stats()["mesh"]["relay_refused_total"] == 2
+            with pytest.raises(Exception, match="hop limit reached"):
+                await link.request(ms.KIND_RELAY_REQ,
+                                   enc((c.mesh.node_id, 0, ms.KIND_CALL, b"\xc0")))
+        finally:
+            await ep.close()

@@ -40,13 +40,14 @@ def rec(i: int, **kw: object) -> ProviderRecord:
 
 def test_records_round_trip_through_the_wire_form() -> None:
     for r in (rec(1), ProviderRecord(nid(2), None, "lowest_latency", True, 2.5),
-              ProviderRecord(nid(3), ("h", 1), "first", False, 0)):
+              ProviderRecord(nid(3), ("h", 1), "first", False, 0),
+              ProviderRecord(nid(5), None, "first", False, 0, (nid(6), ("relay", 7)))):
         assert decode_provider(encode_provider(r)) == r
     # an int cache_ttl from another implementation decodes as a float
     raw = msgspec.msgpack.encode([nid(4), ["h", 9], "random", True, 7])
     assert decode_provider(raw) == ProviderRecord(nid(4), ("h", 9), "random", True, 7.0)
     # trailing fields of a newer version are ignored
-    raw = msgspec.msgpack.encode([nid(4), None, "first", False, 0.0, "future"])
+    raw = msgspec.msgpack.encode([nid(4), None, "first", False, 0.0, None, "future"])
     assert decode_provider(raw) == ProviderRecord(nid(4), None, "first", False, 0.0)
 
 
@@ -58,6 +59,8 @@ def test_records_round_trip_through_the_wire_form() -> None:
     [nid(1), None, "first", False, -1.0],  # negative ttl
     [nid(1), None, "first", False, math.nan],
     [nid(1), None, "first", False, math.inf],
+    [nid(1), None, "first", False, 0.0, [b"\x01" * 31, ["h", 1]]],  # short relay id
+    [nid(1), None, "first", False, 0.0, [nid(2), ["h", 0]]],  # bad relay port
     [nid(1), None, "first", 1, 0.0],  # idempotent not a bool
     [nid(1), ["h", 0], "first", False, 0.0],  # port 0
     [nid(1), ["h", 70000], "first", False, 0.0],  # port out of range

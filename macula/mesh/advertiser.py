@@ -35,6 +35,7 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True):
     node_id: bytes
     endpoint: tuple[str, int] | None
     filters: list[str]
+    via: tuple[bytes, tuple[str, int]] | None = None  # client mode: reach it through this
 
 
 _ENC = msgspec.msgpack.Encoder()
@@ -42,7 +43,7 @@ _DEC = msgspec.msgpack.Decoder(_Wire)
 
 
 def encode_advert(adv: Advert) -> bytes:
-    return _ENC.encode(_Wire(adv.node_id, adv.endpoint, list(adv.filters)))
+    return _ENC.encode(_Wire(adv.node_id, adv.endpoint, list(adv.filters), adv.via))
 
 
 def decode_advert(data: bytes) -> Advert | None:
@@ -51,9 +52,9 @@ def decode_advert(data: bytes) -> Advert | None:
         w = _DEC.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if len(w.node_id) != 32:
+    if len(w.node_id) != 32 or (w.via is not None and len(w.via[0]) != 32):
         return None
-    return Advert(w.node_id, w.endpoint, tuple(w.filters))
+    return Advert(w.node_id, w.endpoint, tuple(w.filters), w.via)
 
 
 def catch_all(anchor: str) -> str:
@@ -88,6 +89,7 @@ class Advertiser:
     ) -> None:
         self.node_id = node_id
         self.endpoint = endpoint
+        self.via: tuple[bytes, tuple[str, int]] | None = None  # see set_via
         self.record_ttl = record_ttl
         self.republish_every = record_ttl / 2 if republish_every is None else republish_every
         self.min_interval = min_interval
@@ -121,7 +123,14 @@ class Advertiser:
         filters = self.filters(realm, anchor)
         if len(filters) > self.max_filters:
             filters = [catch_all(anchor)]
-        return Advert(self.node_id, self.endpoint, tuple(filters))
+        return Advert(self.node_id, self.endpoint, tuple(filters), self.via)
+
+    def set_via(self, via: tuple[bytes, tuple[str, int]] | None) -> None:
+        """A client-mode node's relay changed: every record goes out again."""
+        if via != self.via:
+            self.via = via
+            for rec in self._records.values():
+                rec.dirty = True
 
     def take_puts(self, now: float) -> list[Put]:
         """The records to put now (changed ones, debounced; due republishes)."""

@@ -68,6 +68,8 @@ class Advert:
     node_id: bytes
     endpoint: tuple[str, int] | None  # None: reachable only over a link it opened
     filters: tuple[str, ...]
+    # a client-mode node: the node it keeps a link to, and where that one listens
+    via: tuple[bytes, tuple[str, int]] | None = None
 
 
 @dataclass

@@ -111,6 +111,8 @@ class ProviderRecord:
     strategy: str = "round_robin"  # one of STRATEGIES
     idempotent: bool = False  # may be re-sent to another provider after delivery
     cache_ttl: float = 0.0  # seconds a result may be cached by callers; 0: not cached
+    # a client-mode node: the node it keeps a link to, and where that one listens
+    via: tuple[bytes, tuple[str, int]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, bytes) or len(self.node_id) != 32:
@@ -133,6 +135,7 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True):
     strategy: str
     idempotent: bool
     cache_ttl: float
+    via: tuple[bytes, tuple[str, int]] | None = None
 
 
 _ENC = msgspec.msgpack.Encoder()
@@ -141,7 +144,7 @@ _DEC = msgspec.msgpack.Decoder(_Wire)
 
 def encode_provider(rec: ProviderRecord) -> bytes:
     return _ENC.encode(_Wire(rec.node_id, rec.endpoint, rec.strategy, rec.idempotent,
-                             float(rec.cache_ttl)))
+                             float(rec.cache_ttl), rec.via))
 
 
 def decode_provider(data: bytes) -> ProviderRecord | None:
@@ -150,7 +153,10 @@ def decode_provider(data: bytes) -> ProviderRecord | None:
     negative or non-finite ``cache_ttl``."""
     try:
         w = _DEC.decode(data)
-        return ProviderRecord(w.node_id, w.endpoint, w.strategy, w.idempotent, w.cache_ttl)
+        if w.via is not None and (len(w.via[0]) != 32 or not _valid_endpoint(w.via[1])):
+            return None
+        return ProviderRecord(w.node_id, w.endpoint, w.strategy, w.idempotent, w.cache_ttl,
+                              w.via)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
         return None
 

@@ -101,12 +101,15 @@ KIND_ACK = 0x21
 KIND_NOMATCH = 0x22
 KIND_CALL = 0x23
 KIND_ERROR = 0x24  # [kind, message]: a one-way message of ``kind`` was refused
+KIND_RELAY = 0x25  # [origin, target, hops, kind, payload]: pass on to target
+KIND_RELAY_REQ = 0x26  # request [target, hops, kind, payload]: pass on, answer with its reply
 
 STATUS_NO_PROVIDER = 0x30
 STATUS_APPLICATION_ERROR = 0x31
 STATUS_CALL_TIMEOUT = 0x32
 STATUS_PROVIDER_GONE = 0x33
 STATUS_BAD_CALL = 0x34
+STATUS_UNREACHABLE = 0x35  # a relay has no link to the target, or the hop limit was reached
 
 _ERR_OF_STATUS = {
     STATUS_NO_PROVIDER: Err.NO_PROVIDER,
@@ -127,6 +130,15 @@ _ACK_DEC = msgspec.msgpack.Decoder(list[int])
 _NOMATCH_DEC = msgspec.msgpack.Decoder(tuple[str, list[str]])
 _CALL_DEC = msgspec.msgpack.Decoder(tuple[str, str, msgspec.Raw, int])
 _CMD_DEC = msgspec.msgpack.Decoder(list[msgspec.Raw])
+class _ErrorMsg(msgspec.Struct, array_like=True):
+    kind: int
+    message: str
+    target: bytes | None = None  # a refused relay: the node it could not reach
+
+
+_ERROR_DEC = msgspec.msgpack.Decoder(_ErrorMsg)
+_RELAY_DEC = msgspec.msgpack.Decoder(tuple[bytes, bytes, int, int, bytes])
+_RELAY_REQ_DEC = msgspec.msgpack.Decoder(tuple[bytes, int, int, bytes])
 
 
 @dataclass
@@ -159,6 +171,7 @@ class MeshConfig:
     result_cache_size: int = 10_000
     dead_node_ttl: float = 30.0  # adverts of a node found dead are ignored this long (s)
     bootstrap_timeout: float = 5.0
+    max_hops: int = 2  # relays a message for a client-mode node may pass
     tick: float = 0.05  # upkeep timer (s)
     wire: WireConfig = field(default_factory=lambda: WireConfig(dial_timeout=2.0,
                                                                 redial_attempts=2))
@@ -212,6 +225,11 @@ class Mesh(WireHandler):
         self._disc: dict[str, Discovery[tuple[bytes, int, frozenset[tuple[str, str]]]]] = {}
         self._local: dict[str, _Local] = {}
         self._addrs: OrderedDict[bytes, tuple[str, int] | None] = OrderedDict()
+        # client-mode nodes: their relay (node id, address), from their records
+        self._vias: OrderedDict[bytes, tuple[bytes, tuple[str, int]]] = OrderedDict()
+        # nodes heard from through a relay: that relay (replies go back the same way)
+        self._back: OrderedDict[bytes, bytes] = OrderedDict()
+        self.via: tuple[bytes, tuple[str, int]] | None = None  # ours, in client mode
         self._dead: TTLCache[bytes, bool] = TTLCache(100_000, cfg.dead_node_ttl)
         self._outboxes: dict[bytes, Outbox[tuple[str, bytes, bytes]]] = {}
         self.inbox = Inbox(dedup_ttl=cfg.dedup_ttl, max_entries=cfg.max_dedup)
@@ -235,7 +253,8 @@ class Mesh(WireHandler):
                   "acks_sent_total", "acks_received_total", "dht_lookups_total",
                   "dht_lookup_failures_total", "dht_puts_total", "calls_forwarded_total",
                   "calls_served_total", "calls_failed_over_total", "nodes_gone_total",
-                  "bad_input_total", "errors_received_total", "bad_records_total"):
+                  "bad_input_total", "errors_received_total", "bad_records_total",
+                  "relayed_total", "relay_refused_total"):
             self.counters[k] = 0
         self.drops: Counter[str] = Counter()
 
@@ -261,7 +280,26 @@ class Mesh(WireHandler):
             return 0
         with contextlib.suppress(asyncio.TimeoutError, LinkError, OSError):
             await asyncio.wait_for(self.dht.bootstrap(seeds), self.config.bootstrap_timeout)
+        self._keep_via()
         return int(self.dht.stats().get("contacts", 0))
+
+    def _keep_via(self) -> None:
+        """Client mode: keep a link to one listening node (our relay) and advertise it."""
+        if not self.config.client_mode:
+            return
+        pool = self.endpoint.pool
+        if self.via is not None:
+            link = pool.peek(self.via[0])
+            if link is not None and link.is_open:
+                link.last_used = self._now()  # never reaped as idle
+                return
+        for link in pool.links():
+            if link.is_open and link.addr is not None:
+                self.via = (link.peer_id, link.addr)
+                link.last_used = self._now()
+                self.advertiser.set_via(self.via)
+                self.rpc.readvertise()
+                return
 
     async def stop(self) -> None:
         self._running = False
@@ -424,15 +462,49 @@ class Mesh(WireHandler):
                                                max_inflight=cfg.max_inflight)
         return ob
 
-    def _link(self, node: bytes) -> PeerLink | None:
+    def _direct(self, node: bytes) -> PeerLink | None:
+        """A link that reaches ``node`` itself: open, or one that can dial it."""
         pool = self.endpoint.pool
         link = pool.peek(node)
-        if link is not None and not link.closed:
+        if link is not None and not link.closed and (link.is_open or link.addr is not None):
             return link
+        addr = self._addrs.get(node)
+        if addr is None:
+            return None
         try:
-            return pool.link(node, self._addrs.get(node))
+            return pool.link(node, addr)
         except (LinkError, ValueError):
             return None
+
+    def _relay_of(self, node: bytes) -> PeerLink | None:
+        """The link to the node that relays for ``node`` (a client-mode node)."""
+        via = self._vias.get(node)
+        if via is not None:
+            link = self._direct(via[0]) or self._link_to(via)
+            if link is not None:
+                return link
+        back = self._back.get(node)
+        return self._direct(back) if back is not None else None
+
+    def _link_to(self, via: tuple[bytes, tuple[str, int]]) -> PeerLink | None:
+        try:
+            return self.endpoint.pool.link(via[0], via[1])
+        except (LinkError, ValueError):
+            return None
+
+    def _send_to(self, node: bytes, kind: int, payload: bytes) -> bool:
+        """One one-way message for ``node``: on its link, else through its relay."""
+        try:
+            link = self._direct(node)
+            if link is not None:
+                return link.send_nowait(kind, payload)
+            relay = self._relay_of(node)
+            if relay is None or relay.peer_id == node:
+                return False
+            return relay.send_nowait(KIND_RELAY, _enc.encode(
+                (self.node_id, node, self.config.max_hops, kind, payload)))
+        except LinkError:
+            return False
 
     def _flush_now(self) -> None:
         self._flush_handle = None
@@ -441,31 +513,18 @@ class Mesh(WireHandler):
             # publish-to-send: how long the oldest entry of this flush waited in the node
             self.send_delays.append(self._loop.time() - self._queued_at)
         for node, by_realm in out.items():
-            link = self._link(node)
-            n_entries = sum(len(v) for v in by_realm.values())
-            if link is None or (link.addr is None and not link.is_open):
-                self.drops["unreachable"] += n_entries
-                continue
             for realm, entries in by_realm.items():
                 head = b"\x92" + _enc.encode(realm)
                 for i in range(0, len(entries), _MAX_ENTRIES_PER_FRAME):
                     chunk = entries[i:i + _MAX_ENTRIES_PER_FRAME]
                     frame = head + p.array_header(len(chunk)) + b"".join(chunk)
-                    try:
-                        sent = link.send_nowait(KIND_PUB, frame)
-                    except LinkError:
-                        sent = False
-                    if sent:
+                    if self._send_to(node, KIND_PUB, frame):
                         self.counters["frames_out_total"] += 1
                     else:
-                        self.drops["backpressure"] += len(chunk)
+                        self.drops["unreachable_or_full"] += len(chunk)
         acks, self._acks = self._acks, {}
         for node, mids in acks.items():
-            link = self.endpoint.pool.peek(node)
-            if link is None or link.closed:
-                continue
-            with contextlib.suppress(LinkError):
-                link.send_nowait(KIND_ACK, _enc.encode(mids))
+            if self._send_to(node, KIND_ACK, _enc.encode(mids)):
                 self.counters["acks_sent_total"] += len(mids)
 
     def _schedule_flush(self) -> None:
@@ -498,7 +557,7 @@ class Mesh(WireHandler):
                     continue
                 if adv.node_id == self.node_id or self._dead.get(adv.node_id) is not None:
                     continue
-                self._learn(adv.node_id, adv.endpoint)
+                self._learn(adv.node_id, adv.endpoint, adv.via)
                 adverts.append(adv)
             now = self._now()
             self.lookup_times.append(now - t0)
@@ -518,12 +577,17 @@ class Mesh(WireHandler):
                 if tg:
                     self._forward(realm, tg, tail, qos, per_node)
 
-    def _learn(self, node: bytes, addr: tuple[str, int] | None) -> None:
+    def _learn(self, node: bytes, addr: tuple[str, int] | None,
+               via: tuple[bytes, tuple[str, int]] | None = None) -> None:
         addrs = self._addrs
         if addrs.get(node) != addr or node not in addrs:
             addrs[node] = addr
             while len(addrs) > 100_000:
                 addrs.popitem(last=False)
+        if via is not None and via[0] != node:
+            self._vias[node] = via
+            if len(self._vias) > 100_000:
+                self._vias.popitem(last=False)
         link = self.endpoint.pool.peek(node)
         if link is not None and addr is not None and link.addr is None:
             link.addr = addr
@@ -536,6 +600,8 @@ class Mesh(WireHandler):
         assert self._loop is not None
         now = self._now()
         self.broker.now = max(self.broker.now, now)
+        if self.config.client_mode:
+            self._keep_via()
         for put in self.advertiser.take_puts(now):
             self._spawn(self._put(dht_key(put.realm, "sub", put.anchor), put.value, put.ttl))
         for realm, d in self._disc.items():
@@ -566,55 +632,121 @@ class Mesh(WireHandler):
             return self.dht.on_request(link, kind, payload)
         if kind == KIND_CALL:
             return self.rpc.serve(link, payload)
+        if kind == KIND_RELAY_REQ:
+            return self._relay_request(link, payload)
         return super().on_request(link, kind, payload)
+
+    def _relay_request(self, link: PeerLink, payload: bytes) -> bytes | Awaitable[bytes]:
+        try:
+            target, hops, kind, inner = _RELAY_REQ_DEC.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.counters["bad_input_total"] += 1
+            raise RequestRejected(STATUS_BAD_CALL, f"bad relayed request: {exc}") from None
+        if target == self.node_id:
+            if kind != KIND_CALL:
+                raise RequestRejected(STATUS_BAD_CALL, f"kind 0x{kind:x} cannot be relayed")
+            return self.rpc.serve(link, inner)
+        fwd = self._direct(target) if hops > 0 else None
+        if fwd is None or fwd.peer_id == link.peer_id:
+            self.counters["relay_refused_total"] += 1
+            raise RequestRejected(STATUS_UNREACHABLE, "hop limit reached" if hops <= 0 else
+                                  f"no link to {target.hex()[:12]}")
+        self.counters["relayed_total"] += 1
+        return self._forward_request(fwd, _enc.encode((target, hops - 1, kind, inner)))
+
+    async def _forward_request(self, link: PeerLink, payload: bytes) -> bytes:
+        try:
+            return await link.request(KIND_RELAY_REQ, payload,
+                                      self.broker.limits.max_call_timeout)
+        except RemoteError as exc:
+            raise RequestRejected(exc.status, exc.message) from None
+        except (LinkError, OSError) as exc:
+            raise RequestRejected(STATUS_UNREACHABLE, f"relay lost the target: {exc}") from None
 
     def on_messages(self, link: PeerLink, msgs: list[wm.Msg]) -> None:
         for msg in msgs:
             kind = msg.kind
             try:
-                if kind == KIND_PUB:
-                    self._on_pub(link, msg.payload)
-                elif kind == KIND_ACK:
-                    mids = _ACK_DEC.decode(msg.payload)
-                    ob = self._outboxes.get(link.peer_id)
-                    if ob is not None:
-                        ob.ack(mids)
-                    self.counters["acks_received_total"] += len(mids)
-                elif kind == KIND_ERROR:
-                    self.counters["errors_received_total"] += 1
-                elif kind == KIND_NOMATCH:
-                    realm, topics = _NOMATCH_DEC.decode(msg.payload)
-                    d = self._disc.get(realm)
-                    self.counters["nomatch_received_total"] += len(topics)
-                    if d is not None:
-                        now = self._now()
-                        for topic in topics:
-                            d.prune(topic, link.peer_id, now)
+                if kind == KIND_RELAY:
+                    self._on_relay(link, msg.payload)
                 else:
-                    self._refuse(link, kind, f"unknown message kind 0x{kind:x}")
+                    self._dispatch(link.peer_id, kind, msg.payload, link)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self._refuse(link, kind, f"malformed message of kind 0x{kind:x}: {exc}")
         self._flush_control()
         if self._acks:
             self._schedule_flush()
 
-    def _refuse(self, link: PeerLink, kind: int, message: str) -> None:
-        """Count a bad one-way message and tell its sender (it is dropped, nothing else)."""
+    def _dispatch(self, origin: bytes, kind: int, payload: bytes, back: PeerLink) -> None:
+        """One one-way message from ``origin``, arrived on ``back`` (origin's link, or
+        the link of the relay it came through)."""
+        if kind == KIND_PUB:
+            self._on_pub(origin, payload, back)
+        elif kind == KIND_ACK:
+            mids = _ACK_DEC.decode(payload)
+            ob = self._outboxes.get(origin)
+            if ob is not None:
+                ob.ack(mids)
+            self.counters["acks_received_total"] += len(mids)
+        elif kind == KIND_ERROR:
+            self.counters["errors_received_total"] += 1
+            err = _ERROR_DEC.decode(payload)
+            if err.kind == KIND_RELAY and err.target is not None:
+                self._node_gone(err.target)  # its relay cannot reach it any more
+        elif kind == KIND_NOMATCH:
+            realm, topics = _NOMATCH_DEC.decode(payload)
+            d = self._disc.get(realm)
+            self.counters["nomatch_received_total"] += len(topics)
+            if d is not None:
+                now = self._now()
+                for topic in topics:
+                    d.prune(topic, origin, now)
+        else:
+            self._refuse(back, kind, f"unknown message kind 0x{kind:x}")
+
+    def _on_relay(self, link: PeerLink, payload: bytes) -> None:
+        origin, target, hops, kind, inner = _RELAY_DEC.decode(payload)
+        if target == self.node_id:
+            if kind == KIND_RELAY:
+                self._refuse(link, KIND_RELAY, "a relayed message cannot hold another")
+                return
+            if origin != link.peer_id:
+                self._back[origin] = link.peer_id
+                if len(self._back) > 100_000:
+                    self._back.popitem(last=False)
+            self._dispatch(origin, kind, inner, link)
+            return
+        fwd = self._direct(target) if hops > 0 else None
+        if fwd is None or fwd.peer_id == link.peer_id:
+            self.counters["relay_refused_total"] += 1
+            self._refuse(link, KIND_RELAY, "hop limit reached" if hops <= 0 else
+                         f"no link to {target.hex()[:12]}", target)
+            return
+        try:
+            fwd.send_nowait(KIND_RELAY, _enc.encode((origin, target, hops - 1, kind, inner)))
+            self.counters["relayed_total"] += 1
+        except LinkError:
+            self.counters["relay_refused_total"] += 1
+
+    def _refuse(self, link: PeerLink, kind: int, message: str,
+                target: bytes | None = None) -> None:
+        """Count a bad one-way message and tell its sender (it is dropped, nothing else);
+        a refused relay names the ``target`` it could not reach."""
         self.counters["bad_input_total"] += 1
+        err = (kind, message[:300]) if target is None else (kind, message[:300], target)
         with contextlib.suppress(LinkError):
-            link.send_nowait(KIND_ERROR, _enc.encode((kind, message[:300])))
+            link.send_nowait(KIND_ERROR, _enc.encode(err))
 
     def on_message(self, link: PeerLink, kind: int, payload: bytes) -> None:
         self.on_messages(link, [wm.Msg(kind, payload)])
 
-    def _on_pub(self, link: PeerLink, payload: bytes) -> None:
+    def _on_pub(self, origin: bytes, payload: bytes, link: PeerLink) -> None:
         realm, entries = _PUB_DEC.decode(payload)
         self.counters["frames_in_total"] += 1
         self.counters["messages_received_total"] += len(entries)
         broker = self.broker
         now = self._now()
         broker.now = now
-        origin = link.peer_id
         local = self._local.get(realm)
         seen: dict[str, Any] = {}
         nomatch: list[str] = []
@@ -652,8 +784,7 @@ class Mesh(WireHandler):
                 broker.inject(realm, topic, data, 0, groups)
         if nomatch:
             self.counters["nomatch_sent_total"] += len(nomatch)
-            with contextlib.suppress(LinkError):
-                link.send_nowait(KIND_NOMATCH, _enc.encode((realm, nomatch)))
+            self._send_to(origin, KIND_NOMATCH, _enc.encode((realm, nomatch)))
 
     def on_link_up(self, link: PeerLink) -> None:
         self._dead.pop(link.peer_id)
@@ -664,7 +795,9 @@ class Mesh(WireHandler):
         self.dht.on_link_down(link, code, reason)
         if not self._running:
             return
-        if code == wm.CLOSE_SHUTDOWN or link.addr is None:
+        via = self._vias.get(link.peer_id)
+        relayed = via is not None and via[0] != self.node_id
+        if code == wm.CLOSE_SHUTDOWN or (link.addr is None and not relayed):
             self._node_gone(link.peer_id)
         elif (code not in (wm.CLOSE_REPLACED, wm.CLOSE_EVICTED, wm.CLOSE_NORMAL)
               and link.peer_id not in self._checking):
@@ -756,17 +889,25 @@ class _Rpc:
         self.selector = rpc.Selector(rng=mesh.rng)
         self.results = rpc.ResultCache(max_entries=cfg.result_cache_size)
         self._lookups: dict[tuple[str, str], asyncio.Future[list[Any]]] = {}
+        self._local: dict[tuple[str, str], tuple[str, bool, float]] = {}  # ours
         self.counters: Counter[str] = Counter()
 
     def advertise(self, realm: str, procedure: str, strategy: str, idempotent: bool,
                   cache_ttl: float) -> None:
+        self._local[(realm, procedure)] = (strategy, idempotent, cache_ttl)
         rec = self.m.ProviderRecord(self.mesh.node_id, self.mesh.listen_address, strategy,
-                                    idempotent, cache_ttl)
+                                    idempotent, cache_ttl, self.mesh.via)
         key = dht_key(realm, "rpc", procedure)
         self.mesh._spawn(self.mesh._put(key, self.m.encode_provider(rec),
                                         self.mesh.config.record_ttl))
 
+    def readvertise(self) -> None:
+        """Put every local provider record again (client mode: the relay changed)."""
+        for (realm, procedure), (strategy, idem, ttl) in list(self._local.items()):
+            self.advertise(realm, procedure, strategy, idem, ttl)
+
     def withdraw(self, realm: str, procedure: str) -> None:
+        self._local.pop((realm, procedure), None)
         key = dht_key(realm, "rpc", procedure)
         # an empty value replaces ours on the storing nodes, then it is no longer republished
         self.mesh._spawn(self._withdraw(key))
@@ -803,7 +944,7 @@ class _Rpc:
                         continue
                     if mesh._dead.get(rec.node_id) is not None:
                         continue
-                    mesh._learn(rec.node_id, rec.endpoint)
+                    mesh._learn(rec.node_id, rec.endpoint, rec.via)
                     recs.append(rec)
                 fut.set_result(self.providers.put(realm, procedure, recs, mesh._now()))
             except Exception as exc:  # handed to every waiter
@@ -861,15 +1002,27 @@ class _Rpc:
                 t0 = loop.time()
                 try:
                     link = mesh.endpoint.pool.peek(rec.node_id)
-                    if link is None or not link.is_open:
+                    kind, body = KIND_CALL, payload
+                    if (link is None or not link.is_open) and rec.endpoint is None:
+                        # a client-mode provider: through the node it keeps a link to
+                        via = rec.via or mesh._vias.get(rec.node_id)
+                        if via is None:
+                            raise DialError("a client-mode provider without a relay")
+                        link = mesh.endpoint.pool.peek(via[0])
+                        if link is None or not link.is_open:
+                            link = await asyncio.wait_for(
+                                mesh.endpoint.pool.get(via[0], via[1]), remaining)
+                        kind = KIND_RELAY_REQ
+                        body = _enc.encode((rec.node_id, mesh.config.max_hops, KIND_CALL,
+                                            payload))
+                    elif link is None or not link.is_open:
                         link = await asyncio.wait_for(
-                            mesh.endpoint.pool.get(rec.node_id, rec.endpoint or None),
-                            remaining)
+                            mesh.endpoint.pool.get(rec.node_id, rec.endpoint), remaining)
                     delivered = True  # from here a failure may be after delivery
-                    data = await link.request(KIND_CALL, payload, deadline - loop.time())
+                    data = await link.request(kind, body, deadline - loop.time())
                 except RemoteError as exc:
                     err = _ERR_OF_STATUS.get(exc.status)
-                    if exc.status == STATUS_NO_PROVIDER:
+                    if exc.status in (STATUS_NO_PROVIDER, STATUS_UNREACHABLE):
                         delivered = False  # it never reached an application
                         self.providers.forget_node(rec.node_id, loop.time())
                     elif err is not None:
