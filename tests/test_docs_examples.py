@@ -18,3 +18,12 @@ def test_wire_example_runs_and_delivers() -> None:
     with contextlib.redirect_stdout(out):
         exec(compile(blocks[-1], "docs/WIRE.md", "exec"), {"__name__": "docs_example"})
     assert out.getvalue().strip() == "1 b'hello'"
+
+
+def test_mesh_example_runs_across_two_nodes() -> None:
+    blocks = python_blocks((ROOT / "docs" / "MESH.md").read_text(encoding="utf-8"))
+    assert blocks, "docs/MESH.md lost its example"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks[0], "docs/MESH.md", "exec"), {"__name__": "docs_example"})
+    assert out.getvalue().split("\n")[:2] == ["sensors/kitchen/temp b'21.5'", "5"]

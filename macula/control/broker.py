@@ -671,6 +671,8 @@ class Broker:
             g = realm.groups.get(key)
             if g is not None:
                 self._offer_group(g, msg, qos)
+            else:  # its members left since the publishing node picked this node
+                self.drops["no_group_member"] += 1
         if fan is None:
             if done is not None:
                 done()
