@@ -1,9 +1,9 @@
 """The ``macula`` command.
 
 It reports on the installation (``macula version``, ``macula cores``) and runs a node
-(``macula node``, docs/NODE.md), and talks to one from the shell (``macula pub``, ``macula
-sub``, ``macula call``, through :class:`macula.client.BlockingClient`); the demo mesh joins
-as it is built (see docs/ARCHITECTURE.md).
+(``macula node``, docs/NODE.md), runs a demo mesh of three nodes on loopback (``macula
+demo``, docs/MESH.md), and talks to a node from the shell (``macula pub``, ``macula sub``,
+``macula call``, through :class:`macula.client.BlockingClient`).
 """
 
 from __future__ import annotations
@@ -80,12 +80,6 @@ def _cmd_node(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"macula node: bad configuration: {exc}", file=sys.stderr)
         return 2
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from macula.demo import main as demo_main
-
-    return demo_main(list(args.rest))
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -214,10 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--shards", type=int,
                       help="delivery shard processes (default: the cores; 0: in the node)")
     node.set_defaults(func=_cmd_node)
-    demo = sub.add_parser("demo", help="run a 3-node mesh on loopback with live figures",
-                          add_help=False)
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
-    demo.set_defaults(func=_cmd_demo)
+    sub.add_parser("demo", help="run a 3-node mesh on loopback with live figures "
+                   "(macula demo --help)")
     pub = sub.add_parser("pub", help="publish a message (or each line of stdin)")
     pub.add_argument("topic")
     pub.add_argument("message", nargs="?", help="payload (UTF-8); omitted: read stdin lines")
@@ -244,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (macula demo --help)
+        from macula.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     result: int = args.func(args)
     return result

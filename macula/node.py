@@ -52,6 +52,11 @@ class Node:
         if config.shards > 0:
             self.shards = ShardPool(self.broker, config.shards)
             self.broker.fanout = self.shards
+        self.mesh: Mesh | None = None
+        self._tmp_dir: str | None = None
+        if config.mesh_port >= 0 or config.client_mode:
+            self.mesh = self._make_mesh(config)
+            self.broker.mesh = self.mesh
         self.server = ControlServer(
             self.broker,
             config.endpoints,
@@ -61,12 +66,10 @@ class Node:
             tick_interval=config.tick_interval,
             io_threads=config.io_threads,
             shards=self.shards,
+            gate=self.mesh.may_read if self.mesh is not None else None,
         )
-        self.mesh: Mesh | None = None
-        self._tmp_dir: str | None = None
-        if config.mesh_port >= 0 or config.client_mode:
-            self.mesh = self._make_mesh(config)
-            self.broker.mesh = self.mesh
+        if self.mesh is not None:
+            self.mesh.on_uncongested = self.server.resume
         self.registry = make_registry(self.broker.stats)
         self.metrics: MetricsServer | None = None
         if config.metrics_port >= 0:

@@ -21,6 +21,7 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert text.index("```sh") < text.index("\n## "), "the commands come first"
     lines = [ln for ln in first_block.group(1).splitlines() if ln.strip()]
     assert len(lines) == 2
+    assert lines[0] == "pip install -e . && python -m macula demo"  # tests/test_demo.py runs it
     assert lines[1] == 'pip install -e ".[test]" && python -m pytest'
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert '-m pip install -q -e ".[test]" && $PY -m pytest' in ci

@@ -26,6 +26,9 @@ Thin glue around :class:`~macula.control.broker.Broker` (which holds all the log
   driver flushes what the broker gave the shards during this iteration (one message per
   shard), and each timer tick lets the pool restart a shard process that died. The pool
   calls back ``flush_output`` after it handed the shards' EVENTs to the broker.
+- **Backpressure from the mesh** (``gate``): while the node's links to other nodes cannot
+  take more (``Mesh.may_read()`` is False), the driver stops reading clients; ZeroMQ's
+  high-water marks then hold the publishers back. ``resume()`` reads again.
 - **Disconnects**: ZeroMQ does not tell a ROUTER when a peer goes. The driver records the
   socket file descriptor a new peer's first message came from (``zmq.SRCFD``), watches the
   socket monitor for ``EVENT_DISCONNECTED`` on that descriptor, then probes the identity
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -89,6 +93,7 @@ class ControlServer:
         burst_commands: int = 4096,
         io_threads: int = 1,
         shards: ShardBus | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one control endpoint is needed")
@@ -103,6 +108,8 @@ class ControlServer:
         self.burst_commands = burst_commands
         self.io_threads = io_threads
         self.shards = shards
+        self.gate = gate  # False: do not read clients now (the mesh is congested)
+        self._gated = False
         if shards is not None:
             shards.on_output = self.flush_output
         self.send_errors = 0
@@ -184,6 +191,9 @@ class ControlServer:
         self._scheduled = False
         if not self.running:
             return
+        if self.gate is not None and not self.gate():
+            self._gated = True  # resume() reads again
+            return
         sock = self._sock
         loop = self._loop
         assert sock is not None and loop is not None
@@ -220,6 +230,12 @@ class ControlServer:
                 self._fd_peer[fd] = ident
         self._flush(now)
         self._recheck(force=n >= self.burst or broker.commands_in >= budget)
+
+    def resume(self) -> None:
+        """The gate opened again: read what waits."""
+        if self._gated:
+            self._gated = False
+            self._recheck(force=True)
 
     def _recheck(self, force: bool = False) -> None:
         sock = self._sock

@@ -172,6 +172,8 @@ class MeshConfig:
     dead_node_ttl: float = 30.0  # adverts of a node found dead are ignored this long (s)
     bootstrap_timeout: float = 5.0
     max_hops: int = 2  # relays a message for a client-mode node may pass
+    backlog_high: int = 8 << 20  # bytes waiting for room on open links: stop reading clients
+    max_backlog: int = 32 << 20  # bytes waiting per node; beyond, the oldest frames drop
     tick: float = 0.05  # upkeep timer (s)
     wire: WireConfig = field(default_factory=lambda: WireConfig(dial_timeout=2.0,
                                                                 redial_attempts=2))
@@ -237,6 +239,12 @@ class Mesh(WireHandler):
         self._out: dict[bytes, dict[str, list[bytes]]] = {}
         self._acks: dict[bytes, list[int]] = {}
         self._flush_handle: asyncio.Handle | None = None
+        # PUB frames waiting for room on a link, per node (bounded: max_backlog bytes)
+        self._backlog: dict[bytes, deque[tuple[bytes, int]]] = {}
+        self._backlog_bytes: dict[bytes, int] = {}
+        self._draining: set[bytes] = set()
+        self.congested = False
+        self.on_uncongested: Callable[[], None] = lambda: None
         self._group_rr: dict[tuple[str, str, str], int] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
         self._checking: set[bytes] = set()
@@ -254,7 +262,7 @@ class Mesh(WireHandler):
                   "dht_lookup_failures_total", "dht_puts_total", "calls_forwarded_total",
                   "calls_served_total", "calls_failed_over_total", "nodes_gone_total",
                   "bad_input_total", "errors_received_total", "bad_records_total",
-                  "relayed_total", "relay_refused_total"):
+                  "relayed_total", "relay_refused_total", "congested_total"):
             self.counters[k] = 0
         self.drops: Counter[str] = Counter()
 
@@ -492,19 +500,109 @@ class Mesh(WireHandler):
         except (LinkError, ValueError):
             return None
 
+    def _path(self, node: bytes, kind: int, payload: bytes) -> tuple[PeerLink | None, int, bytes]:
+        """The link a message for ``node`` leaves on, and its kind and payload there: its
+        own link, else a RELAY through the node it keeps a link to (None: no way)."""
+        link = self._direct(node)
+        if link is not None:
+            return link, kind, payload
+        relay = self._relay_of(node)
+        if relay is None or relay.peer_id == node:
+            return None, kind, payload
+        return relay, KIND_RELAY, _enc.encode(
+            (self.node_id, node, self.config.max_hops, kind, payload))
+
     def _send_to(self, node: bytes, kind: int, payload: bytes) -> bool:
-        """One one-way message for ``node``: on its link, else through its relay."""
+        """One small one-way message (ACK, NOMATCH) for ``node``; False if it cannot go."""
+        link, kind, payload = self._path(node, kind, payload)
+        if link is None:
+            return False
         try:
-            link = self._direct(node)
-            if link is not None:
-                return link.send_nowait(kind, payload)
-            relay = self._relay_of(node)
-            if relay is None or relay.peer_id == node:
-                return False
-            return relay.send_nowait(KIND_RELAY, _enc.encode(
-                (self.node_id, node, self.config.max_hops, kind, payload)))
+            return link.send_nowait(kind, payload)
         except LinkError:
             return False
+
+    def _send_pub(self, node: bytes, frame: bytes, n: int) -> None:
+        """A PUB frame of ``n`` messages for ``node``. Over the link's send buffer it waits
+        in the node's backlog (in order) until the link drains."""
+        if node in self._backlog:
+            self._to_backlog(node, frame, n)
+            return
+        link, kind, payload = self._path(node, KIND_PUB, frame)
+        if link is None:
+            self.drops["unreachable"] += n
+            return
+        try:
+            if link.buffered() < link.cfg.send_buffer and link.send_nowait(kind, payload):
+                self.counters["frames_out_total"] += 1
+                return
+        except LinkError:
+            self.drops["unreachable"] += n
+            return
+        self._to_backlog(node, frame, n)
+
+    def _to_backlog(self, node: bytes, frame: bytes, n: int) -> None:
+        bl = self._backlog.get(node)
+        if bl is None:
+            bl = self._backlog[node] = deque()
+        bl.append((frame, n))
+        size = self._backlog_bytes.get(node, 0) + len(frame)
+        while size > self.config.max_backlog and len(bl) > 1:
+            old, k = bl.popleft()  # drop oldest (QoS 1 ones come again from the outbox)
+            size -= len(old)
+            self.drops["backlog_full"] += k
+        self._backlog_bytes[node] = size
+        if node not in self._draining:
+            self._draining.add(node)
+            self._spawn(self._drain(node))
+        self._check_congestion()
+
+    async def _drain(self, node: bytes) -> None:
+        try:
+            while True:
+                bl = self._backlog.get(node)
+                if not bl:
+                    break
+                link, _, _ = self._path(node, KIND_PUB, b"")
+                if link is None:
+                    raise LinkError("no path")
+                await link.drain()
+                while bl and link.buffered() < link.cfg.send_buffer:
+                    frame, n = bl.popleft()
+                    self._backlog_bytes[node] -= len(frame)
+                    _, kind, payload = self._path(node, KIND_PUB, frame)
+                    link.send_nowait(kind, payload)
+                    self.counters["frames_out_total"] += 1
+                self._check_congestion()
+        except (LinkError, OSError):
+            for _, n in self._backlog.get(node, ()):
+                self.drops["unreachable"] += n
+        finally:
+            self._backlog.pop(node, None)
+            self._backlog_bytes.pop(node, None)
+            self._draining.discard(node)
+            self._check_congestion()
+
+    def _check_congestion(self) -> None:
+        """Congested while the backlog on open links is over ``backlog_high``: the control
+        driver stops reading publishers until it is under ``backlog_high / 4``."""
+        pool = self.endpoint.pool
+        size = 0
+        for node, n in self._backlog_bytes.items():
+            link = pool.peek(node)
+            if link is None or link.is_open:
+                size += n
+        high = self.config.backlog_high
+        if not self.congested and size > high:
+            self.congested = True
+            self.counters["congested_total"] += 1
+        elif self.congested and size <= high // 4:
+            self.congested = False
+            self.on_uncongested()
+
+    def may_read(self) -> bool:
+        """The control driver's gate: False while the links cannot take more."""
+        return not self.congested
 
     def _flush_now(self) -> None:
         self._flush_handle = None
@@ -518,10 +616,7 @@ class Mesh(WireHandler):
                 for i in range(0, len(entries), _MAX_ENTRIES_PER_FRAME):
                     chunk = entries[i:i + _MAX_ENTRIES_PER_FRAME]
                     frame = head + p.array_header(len(chunk)) + b"".join(chunk)
-                    if self._send_to(node, KIND_PUB, frame):
-                        self.counters["frames_out_total"] += 1
-                    else:
-                        self.drops["unreachable_or_full"] += len(chunk)
+                    self._send_pub(node, frame, len(chunk))
         acks, self._acks = self._acks, {}
         for node, mids in acks.items():
             if self._send_to(node, KIND_ACK, _enc.encode(mids)):
@@ -843,6 +938,8 @@ class Mesh(WireHandler):
             drops["pending_full"] = dropped
         out["drops_total"] = drops
         out["qos1_inflight"] = sum(len(ob) for ob in self._outboxes.values())
+        out["backlog_bytes"] = sum(self._backlog_bytes.values())
+        out["congested"] = int(self.congested)
         out["qos1_resent_total"] = sum(ob.counters["resent"] for ob in self._outboxes.values())
         out["duplicates_total"] = self.inbox.counters["duplicates"]
         ws = self.endpoint.stats_snapshot()
