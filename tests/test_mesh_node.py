@@ -322,3 +322,30 @@ def test_relays_refuse_beyond_the_hop_limit_and_unknown_targets() -> None:
                                    enc((c.mesh.node_id, 0, ms.KIND_CALL, b"\xc0")))
         finally:
             await ep.close()
+
+
+def test_a_flood_is_held_back_not_dropped_when_the_link_is_full() -> None:
+    # a small send buffer and backlog bound make the link the bottleneck at once
+    @_mesh(_cfg(), _cfg())
+    async def body(a: Node, b: Node) -> None:
+        assert a.mesh is not None
+        a.mesh.endpoint.config.send_buffer = 32 << 10
+        a.mesh.config.backlog_high = 64 << 10
+        pub = await Client.connect(a.endpoints[0])
+        subc = await Client.connect(b.endpoints[0])
+        got: list[bytes] = []
+        await subc.subscribe("flood/#", callback=lambda m: got.append(m.payload))
+        await _visible(pub, "flood/x", got)
+        n = 30_000
+        for i in range(0, n, 1000):
+            await pub.publish_many([("flood/x", b"%06d" % j + b"." * 100)
+                                    for j in range(i, i + 1000)])
+        await _until(lambda: len(got) >= n, 60, what=f"{n} deliveries")
+        await asyncio.sleep(0.2)
+        assert sorted(got) == [b"%06d" % j + b"." * 100 for j in range(n)]
+        stats = a.stats()["mesh"]
+        assert stats["congested_total"] >= 1  # the driver did stop reading the publisher
+        assert stats["drops_total"] == {}
+        assert stats["backlog_bytes"] == 0 and stats["congested"] == 0
+        await pub.close()
+        await subc.close()
