@@ -349,3 +349,29 @@ def test_a_flood_is_held_back_not_dropped_when_the_link_is_full() -> None:
         assert stats["backlog_bytes"] == 0 and stats["congested"] == 0
         await pub.close()
         await subc.close()
+
+
+def test_a_provider_registered_later_is_seen_within_the_refresh_interval() -> None:
+    @_mesh(_cfg(), _cfg(), _cfg())
+    async def body(a: Node, b: Node, c: Node) -> None:
+        caller = await Client.connect(a.endpoints[0])
+        pb = await Client.connect(b.endpoints[0])
+        pc = await Client.connect(c.endpoints[0])
+        await pb.register("who", lambda _: "b")
+        for _ in range(50):
+            try:
+                assert await caller.call("who", None, timeout=2) == "b"
+                break
+            except RemoteError:
+                await asyncio.sleep(0.1)
+        await pc.register("who", lambda _: "c")  # A's node has B's list cached now
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        seen = set()
+        while "c" not in seen:
+            seen.add(await caller.call("who", None, timeout=2))
+            assert loop.time() - t0 < 10, "the new provider was never called"
+            await asyncio.sleep(0.05)
+        print(f"\nnew provider called {loop.time() - t0:.2f} s after it registered")
+        for cl in (caller, pb, pc):
+            await cl.close()

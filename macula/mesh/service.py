@@ -987,6 +987,7 @@ class _Rpc:
         self.results = rpc.ResultCache(max_entries=cfg.result_cache_size)
         self._lookups: dict[tuple[str, str], asyncio.Future[list[Any]]] = {}
         self._local: dict[tuple[str, str], tuple[str, bool, float]] = {}  # ours
+        self._fetched: dict[tuple[str, str], float] = {}  # when each list was looked up
         self.counters: Counter[str] = Counter()
 
     def advertise(self, realm: str, procedure: str, strategy: str, idempotent: bool,
@@ -1018,11 +1019,26 @@ class _Rpc:
         self.providers.forget_node(node, self.mesh._now())
 
     async def _provider_list(self, realm: str, procedure: str) -> list[Any]:
+        """The remote providers: the cached list (refreshed in the background once it is
+        ``min_interval`` old, so that new providers are seen soon), else a DHT lookup."""
         mesh = self.mesh
         now = mesh._now()
+        key = (realm, procedure)
         cached = self.providers.get(realm, procedure, now)
         if cached is not None:
+            if now - self._fetched.get(key, now) >= mesh.config.min_interval \
+                    and key not in self._lookups:
+                mesh._spawn(self._refresh(realm, procedure))
             return list(cached)
+        return await self._fetch(realm, procedure)
+
+    async def _refresh(self, realm: str, procedure: str) -> None:
+        with contextlib.suppress(Exception):  # counted in _fetch; the old list stays
+            await self._fetch(realm, procedure)
+
+    async def _fetch(self, realm: str, procedure: str) -> list[Any]:
+        """One DHT lookup of the providers, shared by concurrent callers."""
+        mesh = self.mesh
         key = (realm, procedure)
         fut = self._lookups.get(key)
         if fut is None:
@@ -1044,6 +1060,9 @@ class _Rpc:
                     mesh._learn(rec.node_id, rec.endpoint, rec.via)
                     recs.append(rec)
                 fut.set_result(self.providers.put(realm, procedure, recs, mesh._now()))
+                if len(self._fetched) >= 10_000:
+                    self._fetched.clear()
+                self._fetched[key] = mesh._now()
             except Exception as exc:  # handed to every waiter
                 mesh.counters["dht_lookup_failures_total"] += 1
                 fut.set_exception(exc)
