@@ -913,6 +913,9 @@ class Mesh(WireHandler):
             return
         self.counters["nodes_gone_total"] += 1
         self._dead.put(node, True)
+        ob = self._outboxes.pop(node, None)  # its QoS 1 messages have nowhere to go
+        if ob is not None and len(ob):
+            self.drops["node_gone"] += len(ob)
         for d in self._disc.values():
             d.forget_node(node)
         self.rpc.forget_node(node)
@@ -1018,19 +1021,17 @@ class _Rpc:
     def forget_node(self, node: bytes) -> None:
         self.providers.forget_node(node, self.mesh._now())
 
-    async def _provider_list(self, realm: str, procedure: str) -> list[Any]:
-        """The remote providers: the cached list (refreshed in the background once it is
-        ``min_interval`` old, so that new providers are seen soon), else a DHT lookup."""
+    def _cached_providers(self, realm: str, procedure: str) -> list[Any] | None:
+        """The cached provider list (refreshed in the background once it is
+        ``min_interval`` old, so that new providers are seen soon), or None: look it up."""
         mesh = self.mesh
         now = mesh._now()
         key = (realm, procedure)
         cached = self.providers.get(realm, procedure, now)
-        if cached is not None:
-            if now - self._fetched.get(key, now) >= mesh.config.min_interval \
-                    and key not in self._lookups:
-                mesh._spawn(self._refresh(realm, procedure))
-            return list(cached)
-        return await self._fetch(realm, procedure)
+        if cached is not None and now - self._fetched.get(key, now) >= \
+                mesh.config.min_interval and key not in self._lookups:
+            mesh._spawn(self._refresh(realm, procedure))
+        return cached
 
     async def _refresh(self, realm: str, procedure: str) -> None:
         with contextlib.suppress(Exception):  # counted in _fetch; the old list stays
@@ -1080,7 +1081,9 @@ class _Rpc:
         self.counters["calls_forwarded_total"] += 1
         try:
             try:
-                recs = await asyncio.wait_for(self._provider_list(realm, procedure), timeout)
+                recs = self._cached_providers(realm, procedure)
+                if recs is None:
+                    recs = await asyncio.wait_for(self._fetch(realm, procedure), timeout)
             except asyncio.TimeoutError:
                 broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
                 return
@@ -1197,9 +1200,17 @@ class _Rpc:
         assert loop is not None
         fut: asyncio.Future[bytes] = loop.create_future()
 
-        def done(command: bytes) -> None:
-            if not fut.done():
-                fut.set_result(command)
+        def done(command: bytes) -> None:  # the broker's RESULT / ERROR for the caller
+            if fut.done():
+                return
+            parts = _CMD_DEC.decode(command)
+            if msgspec.msgpack.decode(parts[0]) == int(Code.RESULT):
+                fut.set_result(bytes(parts[2]) if len(parts) > 2 else b"\xc0")
+                return
+            err = Err(msgspec.msgpack.decode(parts[2]))
+            message = msgspec.msgpack.decode(parts[3]) if len(parts) > 3 else ""
+            fut.set_exception(RequestRejected(
+                _STATUS_OF_ERR.get(err, STATUS_APPLICATION_ERROR), str(message)))
 
         broker = mesh.broker
         broker.now = loop.time()
@@ -1208,17 +1219,7 @@ class _Rpc:
             raise RequestRejected(STATUS_NO_PROVIDER, f"no provider for {procedure!r} here")
         self.counters["calls_served_total"] += 1
         mesh._flush_control()
-        return self._answer(fut)
-
-    async def _answer(self, fut: asyncio.Future[bytes]) -> bytes:
-        command = await fut
-        parts = _CMD_DEC.decode(command)
-        code = msgspec.msgpack.decode(parts[0])
-        if code == int(Code.RESULT):
-            return bytes(parts[2]) if len(parts) > 2 else b"\xc0"
-        err = Err(msgspec.msgpack.decode(parts[2]))
-        message = msgspec.msgpack.decode(parts[3]) if len(parts) > 3 else ""
-        raise RequestRejected(_STATUS_OF_ERR.get(err, STATUS_APPLICATION_ERROR), str(message))
+        return fut  # the wire answers when it is done (no task per call)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)
