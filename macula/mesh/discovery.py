@@ -97,6 +97,7 @@ class _Route:
     refresh_at: float  # when the first of its anchors is due for a background refresh
     # shared groups matching the topic: (group, filter) -> the nodes with members
     groups: dict[tuple[str, str], list[bytes]] = field(default_factory=dict)
+    epoch: int = 0  # Discovery._epoch when the generations were last checked
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Discovery(Generic[T]):
         # topic -> (generations of its anchors, targets)
         self._routes: TTLCache = TTLCache(max_routes, cache_ttl)
         self._pending: OrderedDict[str, _Pending[T]] = OrderedDict()
+        self._epoch = 0  # bumped whenever any anchor's answer changes (or one is evicted)
         self._pending_count = 0
         self._to_lookup: list[str] = []
         self.counters: dict[str, int] = {
@@ -163,11 +165,15 @@ class Discovery(Generic[T]):
     def plan(self, topic: str, item: T, now: float) -> _Route | None:
         """Like ``route``, returning the whole route (``targets`` and shared ``groups``)."""
         r: _Route | None = self._routes.get(topic, None, now=now)
-        if r is not None and self._generations(r.anchors) == r.generations:
+        if r is not None and (r.epoch == self._epoch
+                              or self._generations(r.anchors) == r.generations):
+            r.epoch = self._epoch  # no answer changed since: the next check is one compare
             self.counters["routes_hit"] += 1
             if now >= r.refresh_at:
                 self._refresh_stale(r.anchors, now)
-                r.refresh_at = self._refresh_at(r.anchors)
+                # while lookups are in flight the due time stays past: look again shortly,
+                # not on every publish
+                r.refresh_at = max(self._refresh_at(r.anchors), now + 0.05)
                 self._routes.put(topic, r, now=now)
             return r
         self.counters["routes_miss"] += 1
@@ -235,6 +241,7 @@ class Discovery(Generic[T]):
         a.endpoints = {nid: ep for nid, (ep, _) in answer.items()}
         if changed:
             a.generation += 1
+            self._epoch += 1
         return self._release(anchor, now)
 
     def lookup_failed(self, anchor: str, now: float) -> list[tuple[str, set[bytes], list[T]]]:
@@ -290,6 +297,7 @@ class Discovery(Generic[T]):
                         trie.add(f, nid)
             a.trie, a.shared = trie, shared_trie
             a.generation += 1
+            self._epoch += 1
         if found:
             self.counters["nodes_forgotten"] += 1
         return found
@@ -302,6 +310,7 @@ class Discovery(Generic[T]):
             while len(self._anchors) >= self.max_anchors:
                 self._anchors.popitem(last=False)
                 self.counters["anchors_evicted"] += 1
+                self._epoch += 1
             a = self._anchors[name] = _Anchor()
         else:
             self._anchors.move_to_end(name)
@@ -346,7 +355,7 @@ class Discovery(Generic[T]):
         for nodes in groups.values():
             nodes.sort()  # every publisher sees the same order
         r = _Route(anchors, self._generations(anchors), targets, self._refresh_at(anchors),
-                   groups)
+                   groups, self._epoch)
         self._routes.put(topic, r, now=now)
         return r
 
