@@ -47,6 +47,18 @@ async def _visible(pub: Client, topic: str, got: list[Any]) -> None:
     raise AssertionError("the subscription never became visible to the publisher")
 
 
+async def _pub_sub(a: Node, b: Node, flt: str, probe: str,
+                   qos: int = 0) -> tuple[Client, Client, list[bytes]]:
+    """A publisher on ``a``, a subscriber to ``flt`` on ``b`` collecting payloads, once the
+    subscription is routed to (probes on ``probe`` arrived)."""
+    pub = await Client.connect(a.endpoints[0])
+    subc = await Client.connect(b.endpoints[0])
+    got: list[bytes] = []
+    await subc.subscribe(flt, qos=qos, callback=lambda m: got.append(m.payload))
+    await _visible(pub, probe, got)
+    return pub, subc, got
+
+
 def _mesh(*cfgs: NodeConfig) -> Callable[[Callable[..., Awaitable[None]]], None]:
     """Run ``body(*nodes)`` with nodes started from ``cfgs`` (each later one seeded with the
     first node's mesh address), always stopping them."""
@@ -93,11 +105,7 @@ def test_bad_input_from_a_peer_is_refused_with_a_reason_and_the_node_serves_on()
     @_mesh(_cfg(), _cfg())
     async def body(a: Node, b: Node) -> None:
         assert a.mesh is not None
-        pub = await Client.connect(a.endpoints[0])
-        subc = await Client.connect(b.endpoints[0])
-        got: list[bytes] = []
-        await subc.subscribe("ok/#", callback=lambda m: got.append(m.payload))
-        await _visible(pub, "ok/x", got)
+        pub, subc, got = await _pub_sub(a, b, "ok/#", "ok/x")
         # a peer node of the same network that sends garbage
         peer = _Peer()
         ep = WireEndpoint(NodeIdentity.generate(), handler=peer, realm="macula")
@@ -168,11 +176,7 @@ def test_nomatch_prunes_the_route_until_discovery_changes() -> None:
 def test_qos1_into_a_node_with_shards_is_acked_after_the_shards_delivered() -> None:
     @_mesh(_cfg(), _cfg(shards=1))
     async def body(a: Node, b: Node) -> None:
-        pub = await Client.connect(a.endpoints[0])
-        subc = await Client.connect(b.endpoints[0])
-        got: list[bytes] = []
-        await subc.subscribe("jobs/+", qos=1, callback=lambda m: got.append(m.payload))
-        await _visible(pub, "jobs/probe", got)
+        pub, subc, got = await _pub_sub(a, b, "jobs/+", "jobs/probe", qos=1)
         await asyncio.gather(*(pub.publish(f"jobs/{i % 3}", b"%d" % i, qos=1)
                                for i in range(300)))
         await _until(lambda: len(got) >= 300, what="300 deliveries")
@@ -222,11 +226,7 @@ def test_rpc_results_are_cached_per_arguments_when_the_registration_allows() -> 
 def test_metrics_serve_the_mesh_figures() -> None:
     @_mesh(_cfg(metrics_port=0), _cfg())
     async def body(a: Node, b: Node) -> None:
-        pub = await Client.connect(a.endpoints[0])
-        subc = await Client.connect(b.endpoints[0])
-        got: list[bytes] = []
-        await subc.subscribe("m/#", callback=lambda m: got.append(m.payload))
-        await _visible(pub, "m/x", got)
+        pub, subc, got = await _pub_sub(a, b, "m/#", "m/x")
         for i in range(100):
             pub.publish_nowait("m/x", b"%d" % i)
         await _until(lambda: len(got) >= 100, what="100 deliveries")
@@ -331,11 +331,7 @@ def test_a_flood_is_held_back_not_dropped_when_the_link_is_full() -> None:
         assert a.mesh is not None
         a.mesh.endpoint.config.send_buffer = 32 << 10
         a.mesh.config.backlog_high = 64 << 10
-        pub = await Client.connect(a.endpoints[0])
-        subc = await Client.connect(b.endpoints[0])
-        got: list[bytes] = []
-        await subc.subscribe("flood/#", callback=lambda m: got.append(m.payload))
-        await _visible(pub, "flood/x", got)
+        pub, subc, got = await _pub_sub(a, b, "flood/#", "flood/x")
         n = 30_000
         for i in range(0, n, 1000):
             await pub.publish_many([("flood/x", b"%06d" % j + b"." * 100)
