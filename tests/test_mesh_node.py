@@ -371,3 +371,32 @@ def test_a_provider_registered_later_is_seen_within_the_refresh_interval() -> No
         print(f"\nnew provider called {loop.time() - t0:.2f} s after it registered")
         for cl in (caller, pb, pc):
             await cl.close()
+
+
+def test_lowest_latency_providers_are_preferred_across_nodes() -> None:
+    @_mesh(_cfg(), _cfg(), _cfg())
+    async def body(a: Node, b: Node, c: Node) -> None:
+        caller = await Client.connect(a.endpoints[0])
+        fast = await Client.connect(b.endpoints[0])
+        slow = await Client.connect(c.endpoints[0])
+
+        async def slow_answer(_: Any) -> str:
+            await asyncio.sleep(0.03)
+            return "slow"
+
+        await fast.register("lat", lambda _: "fast", strategy="lowest_latency")
+        await slow.register("lat", slow_answer, strategy="lowest_latency")
+        seen: list[str] = []
+        for _ in range(100):  # until both records are in the DHT and both were measured
+            try:
+                seen.append(await caller.call("lat", None, timeout=2))
+            except RemoteError:
+                await asyncio.sleep(0.1)
+            if "fast" in seen and "slow" in seen:
+                break
+        assert {"fast", "slow"} <= set(seen), seen  # unmeasured providers are tried
+        later = [await caller.call("lat", None, timeout=2) for _ in range(30)]
+        assert later.count("fast") >= 28, later  # then the measured-fastest one is used
+        print(f"\nwarm-up answers {seen}, then {later.count('fast')} of 30 from the fast one")
+        for cl in (caller, fast, slow):
+            await cl.close()
