@@ -392,6 +392,33 @@ def test_rpc_errors_no_provider_timeout_provider_gone_application_error() -> Non
                              p.Unregistered(6, False)]
 
 
+def test_register_options_for_the_mesh_are_checked() -> None:
+    h = Harness(Limits())
+    h.hello(b"X", hb=60_000)
+    h.send(b"X", [20, 1, "a", "lowest_latency", True, 1500])  # fine: mesh-wide options
+    h.send(b"X", [20, 2, "b", "round_robin", False, -1])
+    h.send(b"X", [20, 3, "c", "round_robin", "yes", 0])
+    h.send(b"X", [20, 4, "d", "fastest"])
+    got = h.out()[b"X"]
+    assert isinstance(got[0], p.Registered)
+    assert got[1] == p.Error(2, int(Err.BAD_VALUE), "cache_ttl_ms must be >= 0")
+    assert isinstance(got[2], p.Error) and got[2].code == int(Err.WRONG_TYPE)
+    assert got[3] == p.Error(4, int(Err.BAD_VALUE), "strategy must be one of round_robin, "
+                             "random, first, lowest_latency")
+    (realm,) = h.b.realms.values()
+    proc = realm.procedures["a"]
+    assert (proc.strategy, proc.idempotent, proc.cache_ttl) == ("lowest_latency", True, 1.5)
+
+
+def test_lowest_latency_takes_local_providers_in_turn() -> None:
+    h, _ = _rpc("lowest_latency")
+    chosen = []
+    for i in range(4):
+        h.send(b"C", [24, i + 1, "add"])
+        chosen += [m for m, cmds in h.out().items() if any(isinstance(c, p.Invoke) for c in cmds)]
+    assert chosen == [b"X", b"Y", b"X", b"Y"]
+
+
 def test_unregister_last_provider_means_no_provider() -> None:
     h, regs = _rpc()
     h.send(b"X", [22, 1, regs[b"X"]])
