@@ -75,16 +75,22 @@ class Outbox(Generic[T]):
         used up their attempts (dropped from the outbox, counted)."""
         resend: list[tuple[int, T]] = []
         expired: list[T] = []
-        for mid, e in list(self._inflight.items()):
+        inflight = self._inflight
+        # entries are kept in deadline order (sent in time order; a re-sent one moves to
+        # the end with the latest deadline), so this stops at the first one not due: the
+        # cost is the due entries, not everything in flight
+        while inflight:
+            mid, e = next(iter(inflight.items()))
             if e.deadline > now:
-                continue
+                break
             if e.attempts >= self.max_attempts:
-                del self._inflight[mid]
+                del inflight[mid]
                 expired.append(e.item)
                 self.counters["expired"] += 1
                 continue
             e.attempts += 1
             e.deadline = now + self.ack_timeout
+            inflight.move_to_end(mid)
             resend.append((mid, e.item))
             self.counters["resent"] += 1
         return resend, expired
@@ -100,7 +106,7 @@ class Outbox(Generic[T]):
     def next_deadline(self) -> float | None:
         if not self._inflight:
             return None
-        return min(e.deadline for e in self._inflight.values())
+        return next(iter(self._inflight.values())).deadline  # the earliest (deadline order)
 
 
 class Inbox:
