@@ -312,11 +312,14 @@ def test_relays_refuse_beyond_the_hop_limit_and_unknown_targets() -> None:
             me = ep.identity.node_id
             link.send_nowait(ms.KIND_RELAY, enc((me, c.mesh.node_id, 0, ms.KIND_PUB, pub)))
             link.send_nowait(ms.KIND_RELAY, enc((me, b"\x07" * 32, 2, ms.KIND_PUB, pub)))
-            await _until(lambda: len(peer.msgs) >= 2, what="two refusals")
+            spoofed = (b"\x08" * 32, c.mesh.node_id, 2, ms.KIND_PUB, pub)  # not the sender
+            link.send_nowait(ms.KIND_RELAY, enc(spoofed))
+            await _until(lambda: len(peer.msgs) >= 3, what="three refusals")
             errors = [msgspec.msgpack.decode(p)[1] for k, p in peer.msgs if k == ms.KIND_ERROR]
             assert errors[0] == "hop limit reached"
             assert errors[1].startswith("no link to 070707")
-            assert a.stats()["mesh"]["relay_refused_total"] == 2
+            assert errors[2] == "a relayed message's origin must be its sender"
+            assert a.stats()["mesh"]["relay_refused_total"] == 3
             with pytest.raises(Exception, match="hop limit reached"):
                 await link.request(ms.KIND_RELAY_REQ,
                                    enc((c.mesh.node_id, 0, ms.KIND_CALL, b"\xc0")))

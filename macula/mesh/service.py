@@ -811,6 +811,12 @@ class Mesh(WireHandler):
                     self._back.popitem(last=False)
             self._dispatch(origin, kind, inner, link)
             return
+        if origin != link.peer_id:
+            # a relay passes on only what its sender originated: no node can speak for
+            # another through it
+            self.counters["relay_refused_total"] += 1
+            self._refuse(link, KIND_RELAY, "a relayed message's origin must be its sender")
+            return
         fwd = self._direct(target) if hops > 0 else None
         if fwd is None or fwd.peer_id == link.peer_id:
             self.counters["relay_refused_total"] += 1
