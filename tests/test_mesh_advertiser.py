@@ -56,6 +56,18 @@ def test_an_oversized_record_carries_the_anchors_catch_all() -> None:
     assert catch_all("") == "#"
 
 
+def test_a_record_over_its_byte_bound_carries_the_catch_all() -> None:
+    a = Advertiser(node_id=ME, endpoint=None, min_interval=0, max_record_bytes=400)
+    a.subscribe("r", "b/" + "x" * 150)
+    a.subscribe("r", "b/" + "y" * 150)
+    assert puts(a, 0) == {("r", "b/" + "x" * 150): ("b/" + "x" * 150,),
+                          ("r", "b/" + "y" * 150): ("b/" + "y" * 150,)}
+    for i in range(3):  # three long filters under one anchor: over 400 bytes together
+        a.subscribe("r", f"c/+/{i}" + "z" * 150)
+    assert puts(a, 1) == {("r", "c"): ("c/#",)}
+    assert a.counters["overflowing_records"] == 1
+
+
 def test_advert_encoding_round_trips_and_garbage_decodes_to_none() -> None:
     adv = Advert(ME, ("h", 1), ("a/+", "#"))
     assert decode_advert(encode_advert(adv)) == adv

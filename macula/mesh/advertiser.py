@@ -15,9 +15,10 @@ which records to put, and when:
   node at their next refresh) and is then left to expire — the record TTL bounds how long
   a stale advert can live; receivers answer "no match" meanwhile, and publishers prune.
 
-Records hold at most ``max_filters_per_record`` filters; beyond that the record carries the
-anchor's catch-all filter (``anchor/#``, or ``#`` for the root anchor) instead of the list,
-which over-approximates (a publisher may send a topic nobody here wants, answered with "no
+Records hold at most ``max_filters_per_record`` filters and ``max_record_bytes`` encoded
+(under the DHT's value bound); beyond either, the record carries the anchor's catch-all
+filter (``anchor/#``, or ``#`` for the root anchor) instead of the list, which
+over-approximates (a publisher may send a topic nobody here wants, answered with "no
 match") but never loses a message.
 """
 
@@ -86,6 +87,7 @@ class Advertiser:
         republish_every: float | None = None,
         min_interval: float = 0.2,
         max_filters_per_record: int = 256,
+        max_record_bytes: int = 8192,
     ) -> None:
         self.node_id = node_id
         self.endpoint = endpoint
@@ -94,6 +96,7 @@ class Advertiser:
         self.republish_every = record_ttl / 2 if republish_every is None else republish_every
         self.min_interval = min_interval
         self.max_filters = max_filters_per_record
+        self.max_record_bytes = max_record_bytes
         self._records: dict[tuple[str, str], _Record] = {}
         self.counters = {"puts": 0, "overflowing_records": 0}
 
@@ -123,7 +126,10 @@ class Advertiser:
         filters = self.filters(realm, anchor)
         if len(filters) > self.max_filters:
             filters = [catch_all(anchor)]
-        return Advert(self.node_id, self.endpoint, tuple(filters), self.via)
+        adv = Advert(self.node_id, self.endpoint, tuple(filters), self.via)
+        if len(filters) > 1 and len(encode_advert(adv)) > self.max_record_bytes:
+            adv = Advert(self.node_id, self.endpoint, (catch_all(anchor),), self.via)
+        return adv
 
     def set_via(self, via: tuple[bytes, tuple[str, int]] | None) -> None:
         """A client-mode node's relay changed: every record goes out again."""
@@ -141,7 +147,8 @@ class Advertiser:
             if not (changed or due):
                 continue
             adv = self.advert(realm, anchor)
-            if len(rec.filters) > self.max_filters:
+            if len(rec.filters) > 1 and len(adv.filters) == 1 and rec.filters.keys() != set(
+                    adv.filters):
                 self.counters["overflowing_records"] += 1
             out.append(Put(realm, anchor, encode_advert(adv), self.record_ttl))
             rec.put_at, rec.dirty = now, False

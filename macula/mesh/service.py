@@ -262,7 +262,8 @@ class Mesh(WireHandler):
                   "dht_lookup_failures_total", "dht_puts_total", "calls_forwarded_total",
                   "calls_served_total", "calls_failed_over_total", "nodes_gone_total",
                   "bad_input_total", "errors_received_total", "bad_records_total",
-                  "relayed_total", "relay_refused_total", "congested_total"):
+                  "relayed_total", "relay_refused_total", "congested_total",
+                  "dht_put_failures_total"):
             self.counters[k] = 0
         self.drops: Counter[str] = Counter()
 
@@ -717,8 +718,12 @@ class Mesh(WireHandler):
 
     async def _put(self, key: bytes, value: bytes, ttl: float) -> None:
         self.counters["dht_puts_total"] += 1
-        with contextlib.suppress(LinkError, OSError, asyncio.TimeoutError, RuntimeError):
+        try:
             await self.dht.put(key, value, ttl)
+        except ValueError:  # a record over the DHT's value bound (a filter of ~16 KiB)
+            self.drops["record_too_large"] += 1
+        except (LinkError, OSError, asyncio.TimeoutError, RuntimeError):
+            self.counters["dht_put_failures_total"] += 1
 
     # -- the wire -------------------------------------------------------------------------
 
