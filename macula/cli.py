@@ -80,6 +80,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"macula node: bad configuration: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a port in use, an address not on this host, a data directory...
+        print(f"macula node: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -390,6 +391,22 @@ def test_cli_node_refuses_bad_config(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "unknown configuration key 'max_sesions'" in proc.stderr
+
+
+def test_cli_node_says_why_it_cannot_start_when_its_mesh_port_is_taken() -> None:
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    env = dict(os.environ, MACULA_ENDPOINTS="tcp://127.0.0.1:0", MACULA_METRICS_PORT="-1")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "macula", "node", "--mesh-port", str(port),
+                               "--shards", "0"], capture_output=True, text=True, timeout=60,
+                              env=env)
+    finally:
+        taken.close()
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"macula node: cannot start: [Errno 98] mesh endpoint "
+                                   f"127.0.0.1:{port}: Address already in use")
 
 
 def test_config_file_then_environment(tmp_path: Path) -> None:

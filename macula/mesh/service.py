@@ -275,7 +275,12 @@ class Mesh(WireHandler):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self.endpoint.start()
+        try:
+            await self.endpoint.start()
+        except OSError as exc:
+            cfg = self.config
+            raise OSError(exc.errno, f"mesh endpoint {cfg.host}:{cfg.port}: "
+                                     f"{exc.strerror or exc}") from exc
         await self.dht.start()
         self.advertiser.endpoint = self.endpoint.listen_address
         self._running = True
