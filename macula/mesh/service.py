@@ -36,11 +36,11 @@ Shared subscriptions (one delivery per group per message, mesh-wide)
 RPC
     A node advertises each procedure its clients provide as a DHT record under
     ``dht_key(realm, "rpc", procedure)`` (``macula.mesh.rpc.ProviderRecord``). A CALL with
-    no local provider goes to the mesh: the provider list comes from a TTL cache (or one
-    DHT lookup, shared by concurrent callers; none -> NO_PROVIDER at once), ordered by the
-    registration's strategy; a failure before delivery tries the next provider, one after
-    delivery only for idempotent procedures; results of registrations with a cache TTL are
-    cached by the caller's node.
+    no local provider goes to the mesh (``macula.mesh.calls``): the provider list comes from
+    a TTL cache (or one DHT lookup, shared by concurrent callers; none -> NO_PROVIDER at
+    once), ordered by the registration's strategy; a failure before delivery tries the next
+    provider, one after delivery only for idempotent procedures; results of registrations
+    with a cache TTL are cached by the caller's node.
 
 Nodes that die
     A link that goes down (other than by replacement or eviction) is re-dialled; if that
@@ -63,61 +63,45 @@ import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from macula import TopicTrie, TTLCache, parse_shared, validate_topic
 from macula.control import protocol as p
-from macula.control.protocol import Code, Err
 from macula.dht import messages as dm
 from macula.dht.core import DhtConfig
 from macula.dht.driver import Dht
 from macula.dht.keys import dht_key
-from macula.mesh import rpc
 from macula.mesh.advertiser import Advertiser, decode_advert
+from macula.mesh.calls import Calls
 from macula.mesh.discovery import Advert, Discovery
+from macula.mesh.kinds import (
+    KIND_ACK,
+    KIND_CALL,
+    KIND_ERROR,
+    KIND_NOMATCH,
+    KIND_PUB,
+    KIND_RELAY,
+    KIND_RELAY_REQ,
+    STATUS_BAD_CALL,
+    STATUS_UNREACHABLE,
+)
 from macula.mesh.qos import Inbox, Outbox
 from macula.wire import (
-    DialError,
-    LinkClosed,
     LinkError,
     NodeIdentity,
     PeerLink,
     RemoteError,
     RequestRejected,
-    RequestTimeout,
     WireConfig,
     WireEndpoint,
     WireHandler,
 )
 from macula.wire import messages as wm
 
-if False:  # pragma: no cover - typing only
+if TYPE_CHECKING:
     from macula.control.broker import Broker, Group, Session
-
-KIND_PUB = 0x20
-KIND_ACK = 0x21
-KIND_NOMATCH = 0x22
-KIND_CALL = 0x23
-KIND_ERROR = 0x24  # [kind, message]: a one-way message of ``kind`` was refused
-KIND_RELAY = 0x25  # [origin, target, hops, kind, payload]: pass on to target
-KIND_RELAY_REQ = 0x26  # request [target, hops, kind, payload]: pass on, answer with its reply
-
-STATUS_NO_PROVIDER = 0x30
-STATUS_APPLICATION_ERROR = 0x31
-STATUS_CALL_TIMEOUT = 0x32
-STATUS_PROVIDER_GONE = 0x33
-STATUS_BAD_CALL = 0x34
-STATUS_UNREACHABLE = 0x35  # a relay has no link to the target, or the hop limit was reached
-
-_ERR_OF_STATUS = {
-    STATUS_NO_PROVIDER: Err.NO_PROVIDER,
-    STATUS_APPLICATION_ERROR: Err.APPLICATION_ERROR,
-    STATUS_CALL_TIMEOUT: Err.CALL_TIMEOUT,
-    STATUS_PROVIDER_GONE: Err.PROVIDER_GONE,
-}
-_STATUS_OF_ERR = {v: k for k, v in _ERR_OF_STATUS.items()}
 
 _MAX_ENTRIES_PER_FRAME = 4096
 _BAD = object()  # a topic refused in this frame
@@ -128,8 +112,6 @@ _PubEntry = tuple[int, str, bytes, list[tuple[str, str]]]
 _PUB_DEC = msgspec.msgpack.Decoder(tuple[str, list[_PubEntry]])
 _ACK_DEC = msgspec.msgpack.Decoder(list[int])
 _NOMATCH_DEC = msgspec.msgpack.Decoder(tuple[str, list[str]])
-_CALL_DEC = msgspec.msgpack.Decoder(tuple[str, str, msgspec.Raw, int])
-_CMD_DEC = msgspec.msgpack.Decoder(list[msgspec.Raw])
 class _ErrorMsg(msgspec.Struct, array_like=True):
     kind: int
     message: str
@@ -254,7 +236,7 @@ class Mesh(WireHandler):
         self.lookup_times: deque[float] = deque(maxlen=1024)  # discovery latency samples (s)
         self.send_delays: deque[float] = deque(maxlen=1024)  # publish-to-send samples (s)
         self._queued_at = 0.0
-        self.rpc = _Rpc(self)
+        self.rpc = Calls(self)
         self.counters: Counter[str] = Counter()
         for k in ("messages_forwarded_total", "messages_received_total", "frames_out_total",
                   "frames_in_total", "nomatch_sent_total", "nomatch_received_total",
@@ -991,255 +973,3 @@ class _Ack:
     def __call__(self) -> None:
         self.mesh._acks.setdefault(self.origin, []).append(self.mid)
         self.mesh._schedule_flush()
-
-
-class _Rpc:
-    """RPC across nodes: advertising providers, calling remote ones, serving calls."""
-
-    def __init__(self, mesh: Mesh) -> None:
-        self.mesh = mesh
-        self.m = rpc
-        cfg = mesh.config
-        self.providers = rpc.ProviderCache(self_id=mesh.node_id, ttl=cfg.provider_ttl,
-                                           negative_ttl=0.5)
-        self.selector = rpc.Selector(rng=mesh.rng)
-        self.results = rpc.ResultCache(max_entries=cfg.result_cache_size)
-        self._lookups: dict[tuple[str, str], asyncio.Future[list[Any]]] = {}
-        self._local: dict[tuple[str, str], tuple[str, bool, float]] = {}  # ours
-        self._fetched: dict[tuple[str, str], float] = {}  # when each list was looked up
-        self.counters: Counter[str] = Counter()
-
-    def advertise(self, realm: str, procedure: str, strategy: str, idempotent: bool,
-                  cache_ttl: float) -> None:
-        self._local[(realm, procedure)] = (strategy, idempotent, cache_ttl)
-        rec = self.m.ProviderRecord(self.mesh.node_id, self.mesh.listen_address, strategy,
-                                    idempotent, cache_ttl, self.mesh.via)
-        key = dht_key(realm, "rpc", procedure)
-        self.mesh._spawn(self.mesh._put(key, self.m.encode_provider(rec),
-                                        self.mesh.config.record_ttl))
-
-    def readvertise(self) -> None:
-        """Put every local provider record again (client mode: the relay changed)."""
-        for (realm, procedure), (strategy, idem, ttl) in list(self._local.items()):
-            self.advertise(realm, procedure, strategy, idem, ttl)
-
-    def withdraw(self, realm: str, procedure: str) -> None:
-        self._local.pop((realm, procedure), None)
-        key = dht_key(realm, "rpc", procedure)
-        # an empty value replaces ours on the storing nodes, then it is no longer republished
-        self.mesh._spawn(self._withdraw(key))
-
-    async def _withdraw(self, key: bytes) -> None:
-        await self.mesh._put(key, b"", 60.0)
-        with contextlib.suppress(RuntimeError):
-            self.mesh.dht.unpublish(key)
-
-    def forget_node(self, node: bytes) -> None:
-        self.providers.forget_node(node, self.mesh._now())
-
-    def _cached_providers(self, realm: str, procedure: str) -> list[Any] | None:
-        """The cached provider list (refreshed in the background once it is
-        ``min_interval`` old, so that new providers are seen soon), or None: look it up."""
-        mesh = self.mesh
-        now = mesh._now()
-        key = (realm, procedure)
-        cached = self.providers.get(realm, procedure, now)
-        if cached is not None and now - self._fetched.get(key, now) >= \
-                mesh.config.min_interval and key not in self._lookups:
-            mesh._spawn(self._refresh(realm, procedure))
-        return cached
-
-    async def _refresh(self, realm: str, procedure: str) -> None:
-        with contextlib.suppress(Exception):  # counted in _fetch; the old list stays
-            await self._fetch(realm, procedure)
-
-    async def _fetch(self, realm: str, procedure: str) -> list[Any]:
-        """One DHT lookup of the providers, shared by concurrent callers."""
-        mesh = self.mesh
-        key = (realm, procedure)
-        fut = self._lookups.get(key)
-        if fut is None:
-            assert mesh._loop is not None
-            fut = mesh._loop.create_future()
-            self._lookups[key] = fut
-            try:
-                mesh.counters["dht_lookups_total"] += 1
-                values = await mesh.dht.get(dht_key(realm, "rpc", procedure))
-                recs = []
-                for v in values:
-                    rec = self.m.decode_provider(v) if v else None
-                    if rec is None:
-                        if v:
-                            mesh.counters["bad_records_total"] += 1
-                        continue
-                    if mesh._dead.get(rec.node_id) is not None:
-                        continue
-                    mesh._learn(rec.node_id, rec.endpoint, rec.via)
-                    recs.append(rec)
-                fut.set_result(self.providers.put(realm, procedure, recs, mesh._now()))
-                if len(self._fetched) >= 10_000:
-                    self._fetched.clear()
-                self._fetched[key] = mesh._now()
-            except Exception as exc:  # handed to every waiter
-                mesh.counters["dht_lookup_failures_total"] += 1
-                fut.set_exception(exc)
-            finally:
-                self._lookups.pop(key, None)
-        return list(await asyncio.shield(fut))
-
-    async def call(self, s: Session, rid: int, realm: str, procedure: str, args: bytes,
-                   timeout: float) -> None:
-        mesh = self.mesh
-        broker = mesh.broker
-        loop = mesh._loop
-        assert loop is not None
-        deadline = loop.time() + timeout
-        self.counters["calls_forwarded_total"] += 1
-        try:
-            try:
-                recs = self._cached_providers(realm, procedure)
-                if recs is None:
-                    recs = await asyncio.wait_for(self._fetch(realm, procedure), timeout)
-            except asyncio.TimeoutError:
-                broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
-                return
-            except (LinkError, OSError, RuntimeError) as exc:
-                broker.call_done(s, rid, None, Err.NO_PROVIDER,
-                                 f"provider lookup for {procedure!r} failed: {exc}")
-                return
-            if not recs:
-                broker.call_done(s, rid, None, Err.NO_PROVIDER,
-                                 f"no provider for {procedure!r} in the mesh")
-                return
-            strategy = self.m.agreed_strategy(recs)
-            cache_ttl = min(r.cache_ttl for r in recs)
-            if cache_ttl > 0:
-                hit = self.results.get(realm, procedure, args, loop.time())
-                if hit is not None:
-                    broker.call_done(s, rid, hit)
-                    return
-            plan = self.m.CallPlan(self.selector.order(realm, procedure, strategy, recs),
-                                   max_attempts=mesh.config.max_call_attempts)
-            payload = _enc.encode((realm, procedure, msgspec.Raw(args or b"\xc0"),
-                                   int(timeout * 1000)))
-            last = "no provider answered"
-            code = Err.NO_PROVIDER
-            while True:
-                rec = plan.next_target()
-                if rec is None:
-                    broker.call_done(s, rid, None, code, last)
-                    return
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
-                    return
-                delivered = False
-                t0 = loop.time()
-                try:
-                    link = mesh.endpoint.pool.peek(rec.node_id)
-                    kind, body = KIND_CALL, payload
-                    if (link is None or not link.is_open) and rec.endpoint is None:
-                        # a client-mode provider: through the node it keeps a link to
-                        via = rec.via or mesh._vias.get(rec.node_id)
-                        if via is None:
-                            raise DialError("a client-mode provider without a relay")
-                        link = mesh.endpoint.pool.peek(via[0])
-                        if link is None or not link.is_open:
-                            link = await asyncio.wait_for(
-                                mesh.endpoint.pool.get(via[0], via[1]), remaining)
-                        kind = KIND_RELAY_REQ
-                        body = _enc.encode((rec.node_id, mesh.config.max_hops, KIND_CALL,
-                                            payload))
-                    elif link is None or not link.is_open:
-                        link = await asyncio.wait_for(
-                            mesh.endpoint.pool.get(rec.node_id, rec.endpoint), remaining)
-                    delivered = True  # from here a failure may be after delivery
-                    data = await link.request(kind, body, deadline - loop.time())
-                except RemoteError as exc:
-                    err = _ERR_OF_STATUS.get(exc.status)
-                    if exc.status in (STATUS_NO_PROVIDER, STATUS_UNREACHABLE):
-                        delivered = False  # it never reached an application
-                        self.providers.forget_node(rec.node_id, loop.time())
-                    elif err is not None:
-                        if err is Err.PROVIDER_GONE and plan.on_failure(True, rec.idempotent):
-                            self.counters["calls_failed_over_total"] += 1
-                            code, last = err, exc.message
-                            continue
-                        broker.call_done(s, rid, None, err, exc.message)
-                        return
-                    code, last = Err.NO_PROVIDER, exc.message
-                    if plan.on_failure(delivered, rec.idempotent):
-                        self.counters["calls_failed_over_total"] += 1
-                        continue
-                    broker.call_done(s, rid, None, code, last)
-                    return
-                except (RequestTimeout, asyncio.TimeoutError):
-                    self.selector.failed(rec.node_id)
-                    if delivered and plan.on_failure(True, rec.idempotent) \
-                            and deadline > loop.time():
-                        self.counters["calls_failed_over_total"] += 1
-                        continue
-                    broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
-                    return
-                except (LinkClosed, DialError, LinkError, OSError) as exc:
-                    self.selector.failed(rec.node_id)
-                    after = isinstance(exc, LinkClosed) and "delivered" in str(exc)
-                    if not after:
-                        self.providers.forget_node(rec.node_id, loop.time())
-                    code, last = Err.PROVIDER_GONE, f"provider unreachable: {exc}"
-                    if plan.on_failure(after, rec.idempotent):
-                        self.counters["calls_failed_over_total"] += 1
-                        continue
-                    broker.call_done(s, rid, None, code, last)
-                    return
-                self.selector.observe(rec.node_id, loop.time() - t0)
-                if cache_ttl > 0:
-                    self.results.put(realm, procedure, args, data, cache_ttl, loop.time())
-                broker.call_done(s, rid, data)
-                return
-        except asyncio.CancelledError:
-            if not s.closed:
-                broker.call_done(s, rid, None, Err.SHUTDOWN, "node stopping")
-            raise
-        finally:
-            mesh._flush_control()
-
-    def serve(self, link: PeerLink, payload: bytes) -> Awaitable[bytes]:
-        """A CALL from another node for a local provider."""
-        mesh = self.mesh
-        try:
-            realm, procedure, args, timeout_ms = _CALL_DEC.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            mesh.counters["bad_input_total"] += 1
-            raise RequestRejected(STATUS_BAD_CALL, f"bad CALL: {exc}") from None
-        loop = mesh._loop
-        assert loop is not None
-        fut: asyncio.Future[bytes] = loop.create_future()
-
-        def done(command: bytes) -> None:  # the broker's RESULT / ERROR for the caller
-            if fut.done():
-                return
-            parts = _CMD_DEC.decode(command)
-            if msgspec.msgpack.decode(parts[0]) == int(Code.RESULT):
-                fut.set_result(bytes(parts[2]) if len(parts) > 2 else b"\xc0")
-                return
-            err = Err(msgspec.msgpack.decode(parts[2]))
-            message = msgspec.msgpack.decode(parts[3]) if len(parts) > 3 else ""
-            fut.set_exception(RequestRejected(
-                _STATUS_OF_ERR.get(err, STATUS_APPLICATION_ERROR), str(message)))
-
-        broker = mesh.broker
-        broker.now = loop.time()
-        timeout = (timeout_ms / 1000.0) if timeout_ms > 0 else broker.limits.call_timeout
-        if not broker.invoke(realm, procedure, bytes(args), timeout, done):
-            raise RequestRejected(STATUS_NO_PROVIDER, f"no provider for {procedure!r} here")
-        self.counters["calls_served_total"] += 1
-        mesh._flush_control()
-        return fut  # the wire answers when it is done (no task per call)
-
-    def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.counters)
-        out["result_cache_hits_total"] = self.results.counters.get("hits", 0)
-        return out
-
-
