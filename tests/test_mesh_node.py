@@ -59,6 +59,16 @@ async def _pub_sub(a: Node, b: Node, flt: str, probe: str,
     return pub, subc, got
 
 
+async def _first_call(caller: Client, procedure: str, args: Any) -> Any:
+    """Call until the provider's record is in the DHT (NO_PROVIDER until then)."""
+    for _ in range(50):
+        try:
+            return await caller.call(procedure, args, timeout=3)
+        except RemoteError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{procedure!r} was never reached")
+
+
 def _mesh(*cfgs: NodeConfig) -> Callable[[Callable[..., Awaitable[None]]], None]:
     """Run ``body(*nodes)`` with nodes started from ``cfgs`` (each later one seeded with the
     first node's mesh address), always stopping them."""
@@ -201,12 +211,7 @@ def test_rpc_results_are_cached_per_arguments_when_the_registration_allows() -> 
 
         await prov.register("square", square, cache_ttl=30.0)
         await prov.register("square_fresh", square)
-        for _ in range(50):  # the registration reaches the DHT
-            try:
-                await caller.call("square", 3, timeout=2)
-                break
-            except RemoteError:
-                await asyncio.sleep(0.1)
+        assert await _first_call(caller, "square", 3) == 9
         calls.clear()
         assert [await caller.call("square", 4) for _ in range(3)] == [16, 16, 16]
         assert calls == [4]  # one invocation, two answers from the cache
@@ -265,14 +270,7 @@ def test_a_client_mode_node_is_reached_through_its_relay() -> None:
         await subc.subscribe("cm/#", qos=1, callback=lambda m: got.append(m.payload))
         await subc.register("cm.echo", lambda x: ["echo", x])
         await _visible(pub, "cm/probe", got)
-        for _ in range(50):
-            try:
-                assert await pub.call("cm.echo", 0, timeout=3) == ["echo", 0]
-                break
-            except RemoteError:
-                await asyncio.sleep(0.1)  # NO_PROVIDER until the record is stored
-        else:
-            raise AssertionError("the client-mode provider was never reached")
+        assert await _first_call(pub, "cm.echo", 0) == ["echo", 0]
         # C's DHT traffic dialled B, so the two could talk on that link; once it goes
         # (idle links are reaped; here both ends drop it and C forgets B's address), B
         # can only reach C through A, and C answers B through A too
@@ -357,12 +355,7 @@ def test_a_provider_registered_later_is_seen_within_the_refresh_interval() -> No
         pb = await Client.connect(b.endpoints[0])
         pc = await Client.connect(c.endpoints[0])
         await pb.register("who", lambda _: "b")
-        for _ in range(50):
-            try:
-                assert await caller.call("who", None, timeout=2) == "b"
-                break
-            except RemoteError:
-                await asyncio.sleep(0.1)
+        assert await _first_call(caller, "who", None) == "b"
         await pc.register("who", lambda _: "c")  # A's node has B's list cached now
         loop = asyncio.get_running_loop()
         t0 = loop.time()
