@@ -59,6 +59,11 @@ async def _pub_sub(a: Node, b: Node, flt: str, probe: str,
     return pub, subc, got
 
 
+async def _connect(*nodes: Node) -> list[Client]:
+    """One client on each node, in order."""
+    return [await Client.connect(n.endpoints[0]) for n in nodes]
+
+
 async def _first_call(caller: Client, procedure: str, args: Any) -> Any:
     """Call until the provider's record is in the DHT (NO_PROVIDER until then)."""
     for _ in range(50):
@@ -351,9 +356,7 @@ def test_a_flood_is_held_back_not_dropped_when_the_link_is_full() -> None:
 def test_a_provider_registered_later_is_seen_within_the_refresh_interval() -> None:
     @_mesh(_cfg(), _cfg(), _cfg())
     async def body(a: Node, b: Node, c: Node) -> None:
-        caller = await Client.connect(a.endpoints[0])
-        pb = await Client.connect(b.endpoints[0])
-        pc = await Client.connect(c.endpoints[0])
+        caller, pb, pc = await _connect(a, b, c)
         await pb.register("who", lambda _: "b")
         assert await _first_call(caller, "who", None) == "b"
         await pc.register("who", lambda _: "c")  # A's node has B's list cached now
@@ -372,9 +375,7 @@ def test_a_provider_registered_later_is_seen_within_the_refresh_interval() -> No
 def test_lowest_latency_providers_are_preferred_across_nodes() -> None:
     @_mesh(_cfg(), _cfg(), _cfg())
     async def body(a: Node, b: Node, c: Node) -> None:
-        caller = await Client.connect(a.endpoints[0])
-        fast = await Client.connect(b.endpoints[0])
-        slow = await Client.connect(c.endpoints[0])
+        caller, fast, slow = await _connect(a, b, c)
 
         async def slow_answer(_: Any) -> str:
             await asyncio.sleep(0.03)
