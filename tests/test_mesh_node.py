@@ -397,3 +397,60 @@ def test_lowest_latency_providers_are_preferred_across_nodes() -> None:
         print(f"\nwarm-up answers {seen}, then {later.count('fast')} of 30 from the fast one")
         for cl in (caller, fast, slow):
             await cl.close()
+
+
+def test_a_subscriber_node_that_restarts_receives_again(tmp_path: Any) -> None:
+    async def main() -> None:
+        a = Node(_cfg())
+        await a.start()
+        port = _free_udp_port()
+
+        def b_cfg() -> NodeConfig:  # the same identity and address after the restart
+            return _cfg(seeds=[a.mesh_address], data_dir=str(tmp_path / "b"), mesh_port=port)
+
+        b = Node(b_cfg())
+        await b.start()
+        b_id = b.node_id
+        try:
+            pub, subc, got = await _pub_sub(a, b, "up/#", "up/probe")
+            stop_publishing = asyncio.Event()
+
+            async def publish_all_along() -> None:
+                i = 0
+                while not stop_publishing.is_set():
+                    pub.publish_nowait("up/x", b"%d" % i)
+                    i += 1
+                    await asyncio.sleep(0.01)
+
+            publisher = asyncio.ensure_future(publish_all_along())
+            await _until(lambda: len(got) >= 10, what="deliveries before the restart")
+            await subc.close()
+            await b.stop()  # graceful: A hears the goodbye and forgets B
+            await _until(lambda: a.stats()["mesh"]["nodes_gone_total"] >= 1, what="B gone")
+            b = Node(b_cfg())
+            await b.start()
+            assert b.node_id == b_id
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            subc = await Client.connect(b.endpoints[0])
+            again: list[bytes] = []
+            await subc.subscribe("up/#", callback=lambda m: again.append(m.payload))
+            await _until(lambda: again, 15, what="deliveries after the restart")
+            print(f"\nreceiving again {loop.time() - t0:.2f} s after the restart")
+            stop_publishing.set()
+            await publisher
+            await pub.close()
+            await subc.close()
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(main())
+
+
+def _free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
