@@ -454,3 +454,21 @@ def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_a_burst_of_new_topics_runs_a_bounded_number_of_lookups_at_once() -> None:
+    @_mesh(_cfg(), _cfg())
+    async def body(a: Node, b: Node) -> None:
+        assert a.mesh is not None
+        pub, subc, got = await _pub_sub(a, b, "burst/#", "burst/probe")
+        n = 2000  # 2,000 new topics: 4,000 anchors nobody looked up yet
+        await pub.publish_many([(f"burst/{i}/x", b"%d" % i) for i in range(n)])
+        await _until(lambda: len(got) >= n, 60, what=f"{n} deliveries")
+        assert sorted(int(x) for x in got) == list(range(n))
+        assert 1 < a.mesh.lookups_running_max <= a.mesh.config.max_lookups
+        stats = a.stats()["mesh"]
+        assert stats["dht_lookups_total"] >= 2 * n
+        assert stats["lookups_in_flight"] == 0 and stats["lookups_waiting"] == 0
+        assert stats["pending"] == 0 and stats["drops_total"] == {}
+        await pub.close()
+        await subc.close()

@@ -154,6 +154,7 @@ class MeshConfig:
     dead_node_ttl: float = 30.0  # adverts of a node found dead are ignored this long (s)
     bootstrap_timeout: float = 5.0
     max_hops: int = 2  # relays a message for a client-mode node may pass
+    max_lookups: int = 64  # discovery lookups in flight at once (the others wait in order)
     backlog_high: int = 8 << 20  # bytes waiting for room on open links: stop reading clients
     max_backlog: int = 32 << 20  # bytes waiting per node; beyond, the oldest frames drop
     tick: float = 0.05  # upkeep timer (s)
@@ -225,6 +226,11 @@ class Mesh(WireHandler):
         self._backlog: dict[bytes, deque[tuple[bytes, int]]] = {}
         self._backlog_bytes: dict[bytes, int] = {}
         self._draining: set[bytes] = set()
+        # anchors waiting for a lookup slot (bounded: each anchor is in it at most once, as
+        # Discovery marks it in flight; anchors are bounded by max_anchors per realm)
+        self._lookup_queue: deque[tuple[str, Discovery[Any], str]] = deque()
+        self._lookups_running = 0
+        self.lookups_running_max = 0
         self.congested = False
         self.on_uncongested: Callable[[], None] = lambda: None
         self._group_rr: dict[tuple[str, str, str], int] = {}
@@ -618,11 +624,27 @@ class Mesh(WireHandler):
     # -- discovery ------------------------------------------------------------------------
 
     def _start_lookups(self, realm: str, d: Discovery[Any]) -> None:
+        """Start the anchors' lookups: at most ``max_lookups`` at once; the others wait in
+        order (a burst of new topics does not become thousands of DHT lookups at once)."""
+        waiting = self._lookup_queue
         for anchor in d.take_lookups():
+            waiting.append((realm, d, anchor))
+        while waiting and self._lookups_running < self.config.max_lookups:
+            realm_, d_, anchor = waiting.popleft()
+            self._lookups_running += 1
+            self.lookups_running_max = max(self.lookups_running_max, self._lookups_running)
             self.counters["dht_lookups_total"] += 1
-            self._spawn(self._lookup(realm, d, anchor))
+            self._spawn(self._lookup(realm_, d_, anchor))
 
     async def _lookup(self, realm: str, d: Discovery[Any], anchor: str) -> None:
+        try:
+            await self._lookup_one(realm, d, anchor)
+        finally:
+            self._lookups_running -= 1
+            if self._lookup_queue and self._running:
+                self._start_lookups(realm, d)
+
+    async def _lookup_one(self, realm: str, d: Discovery[Any], anchor: str) -> None:
         t0 = self._now()
         try:
             values = await self.dht.get(dht_key(realm, "sub", anchor))
@@ -940,6 +962,8 @@ class Mesh(WireHandler):
         out["drops_total"] = drops
         out["qos1_inflight"] = sum(len(ob) for ob in self._outboxes.values())
         out["backlog_bytes"] = sum(self._backlog_bytes.values())
+        out["lookups_in_flight"] = self._lookups_running
+        out["lookups_waiting"] = len(self._lookup_queue)
         out["congested"] = int(self.congested)
         out["qos1_resent_total"] = sum(ob.counters["resent"] for ob in self._outboxes.values())
         out["duplicates_total"] = self.inbox.counters["duplicates"]
