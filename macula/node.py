@@ -79,6 +79,10 @@ class Node:
         self._stopping = False
 
     def _make_mesh(self, config: NodeConfig) -> Mesh:
+        if (config.mesh_host in ("0.0.0.0", "::", "") and not config.mesh_advertise
+                and not config.client_mode):
+            raise ValueError(f"mesh_host {config.mesh_host!r} listens on every address: set "
+                             "mesh_advertise to the host:port other nodes dial")
         data_dir = config.data_dir
         if not data_dir:
             data_dir = self._tmp_dir = tempfile.mkdtemp(prefix="macula-node-")

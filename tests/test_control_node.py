@@ -393,6 +393,16 @@ def test_cli_node_refuses_bad_config(tmp_path: Path) -> None:
     assert "unknown configuration key 'max_sesions'" in proc.stderr
 
 
+def test_cli_node_refuses_a_wildcard_mesh_host_without_an_advertised_address() -> None:
+    env = dict(os.environ, MACULA_ENDPOINTS="tcp://127.0.0.1:0", MACULA_METRICS_PORT="-1")
+    proc = subprocess.run([sys.executable, "-m", "macula", "node", "--mesh-host", "0.0.0.0",
+                           "--shards", "0"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("macula node: bad configuration: mesh_host '0.0.0.0' listens "
+                                   "on every address: set mesh_advertise to the host:port "
+                                   "other nodes dial")
+
+
 def test_cli_node_says_why_it_cannot_start_when_its_mesh_port_is_taken() -> None:
     taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     taken.bind(("127.0.0.1", 0))
