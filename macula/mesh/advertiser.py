@@ -100,23 +100,29 @@ class Advertiser:
         self._records: dict[tuple[str, str], _Record] = {}
         self.counters = {"puts": 0, "overflowing_records": 0}
 
-    def subscribe(self, realm: str, filter: str) -> None:
-        """A local subscription to ``filter`` (``$share/...`` included) in ``realm``."""
+    def subscribe(self, realm: str, filter: str) -> bool:
+        """A local subscription to ``filter`` (``$share/...`` included) in ``realm``;
+        True when the filter is new here (its first subscriber)."""
         anchor = filter_anchor(filter)
         rec = self._records.setdefault((realm, anchor), _Record())
         rec.filters[filter] += 1
         if rec.filters[filter] == 1:
             rec.dirty = True
+            return True
+        return False
 
-    def unsubscribe(self, realm: str, filter: str) -> None:
+    def unsubscribe(self, realm: str, filter: str) -> bool:
+        """True when that was the filter's last subscriber here."""
         anchor = filter_anchor(filter)
         rec = self._records.get((realm, anchor))
         if rec is None or rec.filters[filter] <= 0:
-            return
+            return False
         rec.filters[filter] -= 1
         if rec.filters[filter] == 0:
             del rec.filters[filter]
             rec.dirty = True
+            return True
+        return False
 
     def filters(self, realm: str, anchor: str) -> list[str]:
         rec = self._records.get((realm, anchor))

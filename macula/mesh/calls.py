@@ -55,13 +55,12 @@ class Calls:
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        self.m = rpc
         cfg = mesh.config
         self.providers = rpc.ProviderCache(self_id=mesh.node_id, ttl=cfg.provider_ttl,
                                            negative_ttl=0.5)
         self.selector = rpc.Selector(rng=mesh.rng)
         self.results = rpc.ResultCache(max_entries=cfg.result_cache_size)
-        self._lookups: dict[tuple[str, str], asyncio.Future[list[Any]]] = {}
+        self._lookups: dict[tuple[str, str], asyncio.Future[list[rpc.ProviderRecord]]] = {}
         self._local: dict[tuple[str, str], tuple[str, bool, float]] = {}  # ours
         self._fetched: dict[tuple[str, str], float] = {}  # when each list was looked up
         self.counters: Counter[str] = Counter()
@@ -69,10 +68,10 @@ class Calls:
     def advertise(self, realm: str, procedure: str, strategy: str, idempotent: bool,
                   cache_ttl: float) -> None:
         self._local[(realm, procedure)] = (strategy, idempotent, cache_ttl)
-        rec = self.m.ProviderRecord(self.mesh.node_id, self.mesh.listen_address, strategy,
+        rec = rpc.ProviderRecord(self.mesh.node_id, self.mesh.listen_address, strategy,
                                     idempotent, cache_ttl, self.mesh.via)
         key = dht_key(realm, "rpc", procedure)
-        self.mesh._spawn(self.mesh._put(key, self.m.encode_provider(rec),
+        self.mesh._spawn(self.mesh._put(key, rpc.encode_provider(rec),
                                         self.mesh.config.record_ttl))
 
     def readvertise(self) -> None:
@@ -94,7 +93,7 @@ class Calls:
     def forget_node(self, node: bytes) -> None:
         self.providers.forget_node(node, self.mesh._now())
 
-    def _cached_providers(self, realm: str, procedure: str) -> list[Any] | None:
+    def _cached_providers(self, realm: str, procedure: str) -> list[rpc.ProviderRecord] | None:
         """The cached provider list (refreshed in the background once it is
         ``min_interval`` old, so that new providers are seen soon), or None: look it up."""
         mesh = self.mesh
@@ -110,7 +109,7 @@ class Calls:
         with contextlib.suppress(Exception):  # counted in _fetch; the old list stays
             await self._fetch(realm, procedure)
 
-    async def _fetch(self, realm: str, procedure: str) -> list[Any]:
+    async def _fetch(self, realm: str, procedure: str) -> list[rpc.ProviderRecord]:
         """One DHT lookup of the providers, shared by concurrent callers."""
         mesh = self.mesh
         key = (realm, procedure)
@@ -124,7 +123,7 @@ class Calls:
                 values = await mesh.dht.get(dht_key(realm, "rpc", procedure))
                 recs = []
                 for v in values:
-                    rec = self.m.decode_provider(v) if v else None
+                    rec = rpc.decode_provider(v) if v else None
                     if rec is None:
                         if v:
                             mesh.counters["bad_records_total"] += 1
@@ -168,98 +167,95 @@ class Calls:
                 broker.call_done(s, rid, None, Err.NO_PROVIDER,
                                  f"no provider for {procedure!r} in the mesh")
                 return
-            strategy = self.m.agreed_strategy(recs)
+            strategy = rpc.agreed_strategy(recs)
             cache_ttl = min(r.cache_ttl for r in recs)
             if cache_ttl > 0:
                 hit = self.results.get(realm, procedure, args, loop.time())
                 if hit is not None:
                     broker.call_done(s, rid, hit)
                     return
-            plan = self.m.CallPlan(self.selector.order(realm, procedure, strategy, recs),
-                                   max_attempts=mesh.config.max_call_attempts)
+            plan = rpc.CallPlan(self.selector.order(realm, procedure, strategy, recs),
+                                max_attempts=mesh.config.max_call_attempts)
             payload = _enc.encode((realm, procedure, msgspec.Raw(args or b"\xc0"),
                                    int(timeout * 1000)))
-            last = "no provider answered"
-            code = Err.NO_PROVIDER
-            while True:
-                rec = plan.next_target()
-                if rec is None:
-                    broker.call_done(s, rid, None, code, last)
-                    return
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+            code, last = Err.NO_PROVIDER, "no provider answered"
+            while (rec := plan.next_target()) is not None:
+                if deadline <= loop.time():
                     broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
                     return
-                delivered = False
                 t0 = loop.time()
                 try:
-                    link = mesh.endpoint.pool.peek(rec.node_id)
-                    kind, body = KIND_CALL, payload
-                    if (link is None or not link.is_open) and rec.endpoint is None:
-                        # a client-mode provider: through the node it keeps a link to
-                        via = rec.via or mesh._vias.get(rec.node_id)
-                        if via is None:
-                            raise DialError("a client-mode provider without a relay")
-                        link = mesh.endpoint.pool.peek(via[0])
-                        if link is None or not link.is_open:
-                            link = await asyncio.wait_for(
-                                mesh.endpoint.pool.get(via[0], via[1]), remaining)
-                        kind = KIND_RELAY_REQ
-                        body = _enc.encode((rec.node_id, mesh.config.max_hops, KIND_CALL,
-                                            payload))
-                    elif link is None or not link.is_open:
-                        link = await asyncio.wait_for(
-                            mesh.endpoint.pool.get(rec.node_id, rec.endpoint), remaining)
-                    delivered = True  # from here a failure may be after delivery
-                    data = await link.request(kind, body, deadline - loop.time())
-                except RemoteError as exc:
-                    err = ERR_OF_STATUS.get(exc.status)
-                    if exc.status in (STATUS_NO_PROVIDER, STATUS_UNREACHABLE):
-                        delivered = False  # it never reached an application
-                        self.providers.forget_node(rec.node_id, loop.time())
-                    elif err is not None:
-                        if err is Err.PROVIDER_GONE and plan.on_failure(True, rec.idempotent):
-                            self.counters["calls_failed_over_total"] += 1
-                            code, last = err, exc.message
-                            continue
-                        broker.call_done(s, rid, None, err, exc.message)
+                    data = await self._attempt(rec, payload, deadline)
+                except _Failed as f:
+                    if f.final or not plan.on_failure(f.delivered, rec.idempotent):
+                        broker.call_done(s, rid, None, f.code, f.message)
                         return
-                    code, last = Err.NO_PROVIDER, exc.message
-                    if plan.on_failure(delivered, rec.idempotent):
-                        self.counters["calls_failed_over_total"] += 1
-                        continue
-                    broker.call_done(s, rid, None, code, last)
-                    return
-                except (RequestTimeout, asyncio.TimeoutError):
-                    self.selector.failed(rec.node_id)
-                    if delivered and plan.on_failure(True, rec.idempotent) \
-                            and deadline > loop.time():
-                        self.counters["calls_failed_over_total"] += 1
-                        continue
-                    broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
-                    return
-                except (LinkClosed, DialError, LinkError, OSError) as exc:
-                    self.selector.failed(rec.node_id)
-                    after = isinstance(exc, LinkClosed) and "delivered" in str(exc)
-                    if not after:
-                        self.providers.forget_node(rec.node_id, loop.time())
-                    code, last = Err.PROVIDER_GONE, f"provider unreachable: {exc}"
-                    if plan.on_failure(after, rec.idempotent):
-                        self.counters["calls_failed_over_total"] += 1
-                        continue
-                    broker.call_done(s, rid, None, code, last)
-                    return
+                    self.counters["calls_failed_over_total"] += 1
+                    if f.code is not Err.CALL_TIMEOUT:  # what the caller hears if none is left
+                        code, last = f.code, f.message
+                    continue
                 self.selector.observe(rec.node_id, loop.time() - t0)
                 if cache_ttl > 0:
                     self.results.put(realm, procedure, args, data, cache_ttl, loop.time())
                 broker.call_done(s, rid, data)
                 return
+            broker.call_done(s, rid, None, code, last)
         except asyncio.CancelledError:
             if not s.closed:
                 broker.call_done(s, rid, None, Err.SHUTDOWN, "node stopping")
             raise
         finally:
             mesh._flush_control()
+
+    async def _attempt(self, rec: rpc.ProviderRecord, payload: bytes,
+                       deadline: float) -> bytes:
+        """One try of a call at ``rec``'s node (through its relay for a client-mode node).
+        Raises ``_Failed`` saying whether the call may have been delivered, whether no
+        other provider may be tried, and what the caller is told."""
+        mesh = self.mesh
+        loop = mesh._loop
+        assert loop is not None
+        pool = mesh.endpoint.pool
+        delivered = False
+        try:
+            link = pool.peek(rec.node_id)
+            kind, body = KIND_CALL, payload
+            if (link is None or not link.is_open) and rec.endpoint is None:
+                via = rec.via or mesh._vias.get(rec.node_id)  # its relay
+                if via is None:
+                    raise DialError("a client-mode provider without a relay")
+                link = pool.peek(via[0])
+                if link is None or not link.is_open:
+                    link = await asyncio.wait_for(pool.get(via[0], via[1]),
+                                                  deadline - loop.time())
+                kind = KIND_RELAY_REQ
+                body = _enc.encode((rec.node_id, mesh.config.max_hops, KIND_CALL, payload))
+            elif link is None or not link.is_open:
+                link = await asyncio.wait_for(pool.get(rec.node_id, rec.endpoint),
+                                              deadline - loop.time())
+            delivered = True  # from here a failure may be after delivery
+            return await link.request(kind, body, deadline - loop.time())
+        except RemoteError as exc:
+            if exc.status in (STATUS_NO_PROVIDER, STATUS_UNREACHABLE):
+                # it never reached an application: another provider may be tried
+                self.providers.forget_node(rec.node_id, loop.time())
+                raise _Failed(False, False, Err.NO_PROVIDER, exc.message) from None
+            err = ERR_OF_STATUS.get(exc.status)
+            if err is None:
+                raise _Failed(True, False, Err.NO_PROVIDER, exc.message) from None
+            # PROVIDER_GONE may go to another provider (if idempotent); the others are final
+            raise _Failed(True, err is not Err.PROVIDER_GONE, err, exc.message) from None
+        except (RequestTimeout, asyncio.TimeoutError):
+            self.selector.failed(rec.node_id)
+            raise _Failed(delivered, not delivered or deadline <= loop.time(),
+                          Err.CALL_TIMEOUT, "the call timed out") from None
+        except (LinkClosed, DialError, LinkError, OSError) as exc:
+            self.selector.failed(rec.node_id)
+            after = isinstance(exc, LinkClosed) and "delivered" in str(exc)
+            if not after:
+                self.providers.forget_node(rec.node_id, loop.time())
+            raise _Failed(after, False, Err.PROVIDER_GONE,
+                          f"provider unreachable: {exc}") from None
 
     def serve(self, link: PeerLink, payload: bytes) -> Awaitable[bytes]:
         """A CALL from another node for a local provider."""
@@ -300,3 +296,12 @@ class Calls:
         return out
 
 
+class _Failed(Exception):
+    """One attempt of a call failed (``Calls._attempt``)."""
+
+    def __init__(self, delivered: bool, final: bool, code: Err, message: str) -> None:
+        super().__init__(message)
+        self.delivered = delivered  # the provider may have got the call
+        self.final = final  # answer the caller now: no other provider is tried
+        self.code = code
+        self.message = message

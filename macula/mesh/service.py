@@ -112,6 +112,8 @@ _PubEntry = tuple[int, str, bytes, list[tuple[str, str]]]
 _PUB_DEC = msgspec.msgpack.Decoder(tuple[str, list[_PubEntry]])
 _ACK_DEC = msgspec.msgpack.Decoder(list[int])
 _NOMATCH_DEC = msgspec.msgpack.Decoder(tuple[str, list[str]])
+
+
 class _ErrorMsg(msgspec.Struct, array_like=True):
     kind: int
     message: str
@@ -164,29 +166,6 @@ class MeshConfig:
                                                              query_timeout=1.0))
 
 
-class _Local:
-    """This node's own subscriptions in one realm, as filters (to answer NOMATCH)."""
-
-    __slots__ = ("counts", "trie")
-
-    def __init__(self) -> None:
-        self.trie = TopicTrie()
-        self.counts: Counter[str] = Counter()
-
-    def add(self, flt: str) -> None:
-        self.counts[flt] += 1
-        if self.counts[flt] == 1:
-            self.trie.add(flt, flt)
-
-    def remove(self, flt: str) -> None:
-        if self.counts[flt] <= 0:
-            return
-        self.counts[flt] -= 1
-        if self.counts[flt] == 0:
-            del self.counts[flt]
-            self.trie.remove(flt, flt)
-
-
 class Mesh(WireHandler):
     """The mesh component of a node (see the module docstring)."""
 
@@ -195,7 +174,6 @@ class Mesh(WireHandler):
                  rng: random.Random | None = None) -> None:
         self.broker = broker
         self.config = cfg = config or MeshConfig()
-        self.identity = identity
         self.node_id = identity.node_id
         self._flush_control = flush or (lambda: None)
         self.rng = rng or random.Random()
@@ -208,7 +186,9 @@ class Mesh(WireHandler):
                                      record_ttl=cfg.record_ttl,
                                      min_interval=cfg.advert_interval)
         self._disc: dict[str, Discovery[tuple[bytes, int, frozenset[tuple[str, str]]]]] = {}
-        self._local: dict[str, _Local] = {}
+        # this node's plain filters per realm (the advertiser counts their subscribers):
+        # a received topic none of them matches is answered with NOMATCH
+        self._local: dict[str, TopicTrie] = {}
         self._addrs: OrderedDict[bytes, tuple[str, int] | None] = OrderedDict()
         # client-mode nodes: their relay (node id, address), from their records
         self._vias: OrderedDict[bytes, tuple[bytes, tuple[str, int]]] = OrderedDict()
@@ -328,16 +308,12 @@ class Mesh(WireHandler):
     # -- the broker's hooks ---------------------------------------------------------------
 
     def subscribed(self, realm: str, filter: str) -> None:
-        self.advertiser.subscribe(realm, filter)
-        if parse_shared(filter) is None:
-            self._local.setdefault(realm, _Local()).add(filter)
+        if self.advertiser.subscribe(realm, filter) and parse_shared(filter) is None:
+            self._local.setdefault(realm, TopicTrie()).add(filter, filter)
 
     def unsubscribed(self, realm: str, filter: str) -> None:
-        self.advertiser.unsubscribe(realm, filter)
-        if parse_shared(filter) is None:
-            loc = self._local.get(realm)
-            if loc is not None:
-                loc.remove(filter)
+        if self.advertiser.unsubscribe(realm, filter) and parse_shared(filter) is None:
+            self._local[realm].remove(filter, filter)
 
     def registered(self, realm: str, procedure: str, strategy: str, idempotent: bool,
                    cache_ttl: float) -> None:
@@ -438,7 +414,7 @@ class Mesh(WireHandler):
                 if mid is None:
                     self.drops["qos1_outbox_full"] += 1
                     continue
-                entry = b"\x94" + p.pack_uint(mid) + body + groups_enc
+                entry = _qos1_entry(mid, body, groups_enc)
             elif groups_enc is _NO_GROUPS:
                 entry = shared
             else:
@@ -464,13 +440,14 @@ class Mesh(WireHandler):
                                                max_inflight=cfg.max_inflight)
         return ob
 
-    def _direct(self, node: bytes) -> PeerLink | None:
-        """A link that reaches ``node`` itself: open, or one that can dial it."""
+    def _direct(self, node: bytes, addr: tuple[str, int] | None = None) -> PeerLink | None:
+        """A link that reaches ``node`` itself: open, or one that can dial it (at ``addr``,
+        else the address its records gave)."""
         pool = self.endpoint.pool
         link = pool.peek(node)
         if link is not None and not link.closed and (link.is_open or link.addr is not None):
             return link
-        addr = self._addrs.get(node)
+        addr = addr or self._addrs.get(node)
         if addr is None:
             return None
         try:
@@ -478,41 +455,37 @@ class Mesh(WireHandler):
         except (LinkError, ValueError):
             return None
 
-    def _relay_of(self, node: bytes) -> PeerLink | None:
-        """The link to the node that relays for ``node`` (a client-mode node)."""
-        via = self._vias.get(node)
-        if via is not None:
-            link = self._direct(via[0]) or self._link_to(via)
-            if link is not None:
-                return link
-        back = self._back.get(node)
-        return self._direct(back) if back is not None else None
-
-    def _link_to(self, via: tuple[bytes, tuple[str, int]]) -> PeerLink | None:
-        try:
-            return self.endpoint.pool.link(via[0], via[1])
-        except (LinkError, ValueError):
-            return None
-
-    def _path(self, node: bytes, kind: int, payload: bytes) -> tuple[PeerLink | None, int, bytes]:
-        """The link a message for ``node`` leaves on, and its kind and payload there: its
-        own link, else a RELAY through the node it keeps a link to (None: no way)."""
+    def _route(self, node: bytes) -> tuple[PeerLink | None, bool]:
+        """The link a message for ``node`` leaves on (None: no way), and whether that is
+        the link to a relay: the node's own link, else one to the node that relays for it
+        (a client-mode node), else one to the node we last heard from it through."""
         link = self._direct(node)
         if link is not None:
-            return link, kind, payload
-        relay = self._relay_of(node)
+            return link, False
+        via = self._vias.get(node)
+        relay = self._direct(via[0], via[1]) if via is not None else None
+        if relay is None and node in self._back:
+            relay = self._direct(self._back[node])
         if relay is None or relay.peer_id == node:
-            return None, kind, payload
-        return relay, KIND_RELAY, _enc.encode(
-            (self.node_id, node, self.config.max_hops, kind, payload))
+            return None, False
+        return relay, True
+
+    def _frame_for(self, node: bytes, kind: int, payload: bytes,
+                   relayed: bool) -> tuple[int, bytes]:
+        """The kind and payload to send: as they are, or in a RELAY envelope for the relay
+        of ``node``."""
+        if not relayed:
+            return kind, payload
+        return KIND_RELAY, _enc.encode((self.node_id, node, self.config.max_hops, kind,
+                                        payload))
 
     def _send_to(self, node: bytes, kind: int, payload: bytes) -> bool:
         """One small one-way message (ACK, NOMATCH) for ``node``; False if it cannot go."""
-        link, kind, payload = self._path(node, kind, payload)
+        link, relayed = self._route(node)
         if link is None:
             return False
         try:
-            return link.send_nowait(kind, payload)
+            return link.send_nowait(*self._frame_for(node, kind, payload, relayed))
         except LinkError:
             return False
 
@@ -522,12 +495,13 @@ class Mesh(WireHandler):
         if node in self._backlog:
             self._to_backlog(node, frame, n)
             return
-        link, kind, payload = self._path(node, KIND_PUB, frame)
+        link, relayed = self._route(node)
         if link is None:
             self.drops["unreachable"] += n
             return
         try:
-            if link.buffered() < link.cfg.send_buffer and link.send_nowait(kind, payload):
+            if link.buffered() < link.cfg.send_buffer and link.send_nowait(
+                    *self._frame_for(node, KIND_PUB, frame, relayed)):
                 self.counters["frames_out_total"] += 1
                 return
         except LinkError:
@@ -557,15 +531,14 @@ class Mesh(WireHandler):
                 bl = self._backlog.get(node)
                 if not bl:
                     break
-                link, _, _ = self._path(node, KIND_PUB, b"")
+                link, relayed = self._route(node)
                 if link is None:
                     raise LinkError("no path")
                 await link.drain()
                 while bl and link.buffered() < link.cfg.send_buffer:
                     frame, n = bl.popleft()
                     self._backlog_bytes[node] -= len(frame)
-                    _, kind, payload = self._path(node, KIND_PUB, frame)
-                    link.send_nowait(kind, payload)
+                    link.send_nowait(*self._frame_for(node, KIND_PUB, frame, relayed))
                     self.counters["frames_out_total"] += 1
                 self._check_congestion()
         except (LinkError, OSError):
@@ -719,7 +692,7 @@ class Mesh(WireHandler):
             if expired:
                 self.drops["qos1_expired"] += len(expired)
             for mid, (realm, body, groups_enc) in resend:
-                entry = b"\x94" + p.pack_uint(mid) + body + groups_enc
+                entry = _qos1_entry(mid, body, groups_enc)
                 self._out.setdefault(node, {}).setdefault(realm, []).append(entry)
             if resend:
                 self._schedule_flush()
@@ -852,9 +825,6 @@ class Mesh(WireHandler):
         with contextlib.suppress(LinkError):
             link.send_nowait(KIND_ERROR, _enc.encode(err))
 
-    def on_message(self, link: PeerLink, kind: int, payload: bytes) -> None:
-        self.on_messages(link, [wm.Msg(kind, payload)])
-
     def _on_pub(self, origin: bytes, payload: bytes, link: PeerLink) -> None:
         realm, entries = _PUB_DEC.decode(payload)
         self.counters["frames_in_total"] += 1
@@ -875,7 +845,7 @@ class Mesh(WireHandler):
             if hit is None:
                 try:
                     if local is not None:
-                        hit = bool(local.trie.match(topic))
+                        hit = bool(local.match(topic))
                     else:
                         validate_topic(topic)
                         hit = False
@@ -982,6 +952,11 @@ class Mesh(WireHandler):
         out["route_hit_ratio"] = round(out["route_hits_total"] / total, 4) if total else 0.0
         out.update(self.rpc.stats())
         return out
+
+
+def _qos1_entry(mid: int, body: bytes, groups_enc: bytes) -> bytes:
+    """A PUB entry ``[mid, topic, payload, groups]`` from the pre-encoded parts."""
+    return b"\x94" + p.pack_uint(mid) + body + groups_enc
 
 
 class _Ack:
