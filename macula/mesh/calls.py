@@ -175,19 +175,18 @@ class Calls:
                     broker.call_done(s, rid, hit)
                     return
             plan = rpc.CallPlan(self.selector.order(realm, procedure, strategy, recs),
-                                max_attempts=mesh.config.max_call_attempts)
+                                max_attempts=mesh.config.max_call_attempts, deadline=deadline)
             payload = _enc.encode((realm, procedure, msgspec.Raw(args or b"\xc0"),
                                    int(timeout * 1000)))
             code, last = Err.NO_PROVIDER, "no provider answered"
-            while (rec := plan.next_target()) is not None:
-                if deadline <= loop.time():
-                    broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
-                    return
+            while (rec := plan.next_target(loop.time())) is not None:
                 t0 = loop.time()
                 try:
                     data = await self._attempt(rec, payload, deadline)
                 except _Failed as f:
-                    if f.final or not plan.on_failure(f.delivered, rec.idempotent):
+                    if f.final or not plan.on_failure(f.delivered, rec.idempotent, loop.time()):
+                        if plan.gave_up == "deadline":
+                            break
                         broker.call_done(s, rid, None, f.code, f.message)
                         return
                     self.counters["calls_failed_over_total"] += 1
@@ -199,7 +198,10 @@ class Calls:
                     self.results.put(realm, procedure, args, data, cache_ttl, loop.time())
                 broker.call_done(s, rid, data)
                 return
-            broker.call_done(s, rid, None, code, last)
+            if plan.gave_up == "deadline":
+                broker.call_done(s, rid, None, Err.CALL_TIMEOUT, "the call timed out")
+            else:
+                broker.call_done(s, rid, None, code, last)
         except asyncio.CancelledError:
             if not s.closed:
                 broker.call_done(s, rid, None, Err.SHUTDOWN, "node stopping")
