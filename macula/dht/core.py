@@ -198,7 +198,7 @@ Action = SendRequest | LookupDone | StoreDone
 
 
 class _Query:
-    __slots__ = ("contact", "deadline", "depth", "lookup", "msg", "op", "purpose", "rid")
+    __slots__ = ("contact", "deadline", "lookup", "msg", "op", "purpose", "rid")
 
     def __init__(self, rid: int, contact: Contact, msg: Request, deadline: float,
                  purpose: int) -> None:
@@ -209,7 +209,6 @@ class _Query:
         self.purpose = purpose
         self.lookup: _Lookup | None = None
         self.op: _StoreOp | None = None
-        self.depth = 0
 
 
 class _Entry:
@@ -263,7 +262,7 @@ class _StoreOp:
     """A store walk: a shortlist like a lookup's, whose k closest get STOREs."""
 
     __slots__ = ("cands", "done", "edge", "entries", "failed", "key", "kint", "nfailed",
-                 "notify", "op_id", "probes", "refused", "stored", "stores", "sure", "ttl",
+                 "notify", "op_id", "probes", "refused", "stored", "sure", "ttl",
                  "value", "waiting")
 
     def __init__(self, op_id: int, key: bytes, value: bytes, ttl: float, notify: bool) -> None:
@@ -279,7 +278,6 @@ class _StoreOp:
         self.edge = -1  # distance of the k-th closest at the last step (-1: fewer than k)
         self.waiting = 0  # queries out to the k closest at the last step
         self.probes = 0  # FIND_NODEs in flight
-        self.stores = 0  # STOREs sent
         self.failed = 0  # STOREs that failed
         self.nfailed = 0  # contacts that failed (STORE or FIND_NODE)
         self.stored = 0
@@ -405,16 +403,9 @@ class DhtCore:
         """Stop republishing our value under ``key`` (the copies expire with their TTL)."""
         return self._published.pop(key, None) is not None
 
-    def published(self) -> list[bytes]:
-        return list(self._published)
-
     def peer_gone(self, node_id: bytes) -> bool:
         """The peer announced it is stopping: forget it now (a replacement is promoted)."""
-        self._failures.pop(node_id, now=0.0)
-        if self.table.remove(node_id):
-            self.stats["evictions"] += 1
-            return True
-        return False
+        return self._evict(node_id)
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -575,10 +566,12 @@ class DhtCore:
                 self._walk_merge(op, [c for _, c in more])
                 self._walk_step(op, now)
 
-    def _evict(self, nid: bytes) -> None:
+    def _evict(self, nid: bytes) -> bool:
         self._failures.pop(nid, now=0.0)
         if self.table.remove(nid):
             self.stats["evictions"] += 1
+            return True
+        return False
 
     def _closest_for(self, target: bytes, exclude: bytes) -> list[Contact]:
         k = self.config.k
@@ -905,7 +898,6 @@ class DhtCore:
         if store:
             msg = Store(rid, op.key, op.value, op.ttl)
             e.state = _STORING
-            op.stores += 1
         else:
             msg = FindNode(rid, op.key)
             e.state = _PROBING

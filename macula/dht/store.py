@@ -124,16 +124,6 @@ class RecordStore:
             self._rebuild_heap()
         return ""
 
-    def remove(self, key: bytes, publisher: bytes) -> bool:
-        vals = self._keys.get(key)
-        if vals is None or publisher not in vals:
-            return False
-        del vals[publisher]
-        self._values -= 1
-        if not vals:
-            del self._keys[key]
-        return True
-
     def reap(self, now: float, budget: int | None = None) -> int:
         """Remove values whose deadline is <= now (at most ``budget``); returns how many."""
         heap = self._heap
@@ -154,9 +144,6 @@ class RecordStore:
         self._values -= removed
         self.expired += removed
         return removed
-
-    def next_deadline(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
 
     # -- internals ------------------------------------------------------------------------
 

@@ -342,7 +342,7 @@ class WireEndpoint:
         infos = await loop.getaddrinfo(addr[0], addr[1], type=socket.SOCK_DGRAM)
         family, _, _, _, sockaddr = infos[0]
         local = ("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0)
-        quic = QuicConnection(configuration=client_configuration(self.identity, self.config))
+        quic = QuicConnection(configuration=client_configuration(self.config))
         transport, conn = await loop.create_datagram_endpoint(
             lambda: _Conn(quic, endpoint=self, expected=peer_id), local_addr=local, family=family
         )

@@ -75,6 +75,7 @@ __all__ = [
     "node_id_of_certificate",
     "public_key_of_certificate",
     "realm_proof",
+    "server_node_id",
     "sign_hello",
     "verify_hello",
 ]
@@ -182,6 +183,18 @@ def node_id_of_certificate(cert: x509.Certificate) -> bytes:
     return node_id_of(public_key_of_certificate(cert))
 
 
+def server_node_id(cert: x509.Certificate | None) -> bytes:
+    """Dialer side: the node_id of the server's certificate key (a seed dialled by address
+    learns who it reached this way). ``AdmissionError(ADMIT_WRONG_PEER, ...)`` for no
+    certificate or a non-Ed25519 key."""
+    if cert is None:
+        raise AdmissionError(ADMIT_WRONG_PEER, "server presented no certificate")
+    try:
+        return node_id_of_certificate(cert)
+    except IdentityError as exc:
+        raise AdmissionError(ADMIT_WRONG_PEER, f"server certificate: {exc}") from None
+
+
 def check_server_certificate(cert: x509.Certificate | None, expected: bytes) -> None:
     """Dialer side: refuse unless the server's certificate key hashes to ``expected``.
 
@@ -191,12 +204,7 @@ def check_server_certificate(cert: x509.Certificate | None, expected: bytes) -> 
     """
     if not isinstance(expected, bytes) or len(expected) != NODE_ID_SIZE:
         raise ValueError(f"expected must be a {NODE_ID_SIZE}-byte node_id")
-    if cert is None:
-        raise AdmissionError(ADMIT_WRONG_PEER, "server presented no certificate")
-    try:
-        got = node_id_of_certificate(cert)
-    except IdentityError as exc:
-        raise AdmissionError(ADMIT_WRONG_PEER, f"server certificate: {exc}") from None
+    got = server_node_id(cert)
     if not hmac.compare_digest(got, expected):
         raise AdmissionError(
             ADMIT_WRONG_PEER,

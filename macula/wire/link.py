@@ -146,7 +146,7 @@ def _stream_acked(quic: QuicConnection, stream_id: int) -> int:
     return int(stream.sender._buffer_start)
 
 
-def client_configuration(identity: ident.NodeIdentity, cfg: WireConfig) -> QuicConfiguration:
+def client_configuration(cfg: WireConfig) -> QuicConfiguration:
     # The server is authenticated by pinning: its certificate key must hash to the node id
     # we dial (checked after the TLS handshake); there is no CA, hence CERT_NONE.
     return QuicConfiguration(
@@ -205,8 +205,6 @@ class _Conn(QuicConnectionProtocol):
         self.batches: deque[tuple[int, bytes, list[int] | None]] = deque()
         self.written = 0
         self.admitted: asyncio.Future[None] = self._loop.create_future()
-        self.close_code: int | None = None
-        self.close_reason = ""
         self._hello: m.Hello | None = None
         self._server_nonce = b""
         self._client_nonce = b""
@@ -305,8 +303,6 @@ class _Conn(QuicConnectionProtocol):
         if self.state == CLOSED:
             return
         self.state = CLOSED
-        self.close_code = code
-        self.close_reason = reason
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         if not local:
@@ -337,12 +333,7 @@ class _Conn(QuicConnectionProtocol):
         cert = self._quic.tls._peer_certificate
         try:
             if self.expected is None:  # a seed dialled by address: learn who it is
-                if cert is None:
-                    raise ident.AdmissionError(ident.ADMIT_WRONG_PEER, "no server certificate")
-                try:
-                    self.expected = ident.node_id_of_certificate(cert)
-                except ident.IdentityError as exc:
-                    raise ident.AdmissionError(ident.ADMIT_WRONG_PEER, str(exc)) from None
+                self.expected = ident.server_node_id(cert)
             else:
                 ident.check_server_certificate(cert, self.expected)
         except ident.AdmissionError as exc:
@@ -882,7 +873,7 @@ class PeerLink:
     def _give_up(self, exc: LinkError) -> None:
         """Dialling failed for good: fail waiters and requests, drop queued frames (counted)."""
         stats = self.endpoint.stats
-        dropped = len(self._enc) + sum(1 for _ in self._resend)
+        dropped = len(self._enc) + len(self._resend)
         if dropped:
             stats.drops["unreachable"] += dropped
         self._enc.clear()
