@@ -262,6 +262,22 @@ async def test_idle_links_are_reaped() -> None:
 
 
 @run
+async def test_a_link_in_use_is_not_reaped_however_it_was_found() -> None:
+    a = await endpoint(config=WireConfig(link_idle_timeout=0.3, tick=0.05))
+    b = await endpoint()
+    try:
+        await a.pool.get(b.identity.node_id, addr(b))
+        for _ in range(12):  # 1.2 s of use through peek() (what the DHT and the mesh do)
+            link = a.pool.peek(b.identity.node_id)
+            assert link is not None and link.send_nowait(1, b"still here")
+            await asyncio.sleep(0.1)
+        assert a.stats.evictions == 0 and a.stats.dials == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+@run
 async def test_failed_endpoint_backs_off() -> None:
     a = await endpoint(config=WireConfig(dial_timeout=0.3, redial_attempts=1,
                                          backoff_initial=5.0))

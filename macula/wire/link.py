@@ -604,7 +604,8 @@ class PeerLink:
         if self._enc.nbytes + self._inflight + self._resend_bytes >= self._limit:
             return False
         self._enc.append((m.T_MSG, kind, payload))
-        if self._flush_handle is None:
+        if self._flush_handle is None:  # the first frame of this loop iteration
+            self.last_used = self._loop.time()  # the pool's idle reaper counts from here
             self._schedule_flush()
         elif self._enc.nbytes >= self.cfg.flush_bytes:
             self._write_out()
@@ -633,6 +634,7 @@ class PeerLink:
         self._enc.append((m.T_REQ, rid, kind, payload))
         self._unflushed_rids.append(rid)
         self.endpoint.stats.requests_out += 1
+        self.last_used = self._loop.time()
         if self._flush_handle is None:
             self._schedule_flush()
         try:
@@ -773,6 +775,7 @@ class PeerLink:
         if not isinstance(payload, bytes | bytearray | memoryview):
             status, payload = m.STATUS_HANDLER_ERROR, b"handler returned non-bytes"
             self.endpoint.stats.handler_errors += 1
+        self.last_used = self._loop.time()  # answering a peer is using the link
         self._send_frame((m.T_RESP, rid, status, payload))
 
     # -- connections ----------------------------------------------------------------------
