@@ -30,8 +30,7 @@ cdef class _Entry:
 # enext around the sentinel `head`. Puts with one TTL and a non-decreasing clock append.
 @cython.final
 cdef class _Lane:
-    cdef double ttl
-    cdef object ttl_key         # float(ttl): this lane's key in TTLCache._lanes
+    cdef object ttl_key         # the TTL (a float): this lane's key in TTLCache._lanes
     cdef _Entry head            # sentinel: head.enext is the earliest deadline
 
 

@@ -241,7 +241,6 @@ cdef class _Lane:
 
 cdef _Lane _new_lane(double ttl):
     cdef _Lane lane = _Lane.__new__(_Lane)
-    lane.ttl = ttl
     lane.ttl_key = ttl
     lane.head = _blank_entry()
     return lane

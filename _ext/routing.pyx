@@ -166,10 +166,6 @@ cdef inline bint _eq(const uint64_t* a, const uint64_t* b) noexcept nogil:
     return a[0] == b[0] and a[1] == b[1] and a[2] == b[2] and a[3] == b[3]
 
 
-cdef inline bint _bit(const uint64_t* w, int d) noexcept nogil:
-    return (w[d >> 6] >> (63 - (d & 63))) & 1
-
-
 cdef inline bint _cand_less(const Cand* a, const Cand* b) noexcept nogil:
     return _less(a.d, b.d)
 

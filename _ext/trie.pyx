@@ -113,8 +113,8 @@ cdef extern from "trie_scan.h" nogil:
 # ---------------------------------------------------------------------------------------------
 # Limits and constants
 
-MAX_TOPIC_BYTES = 65535
 cdef Py_ssize_t _MAX_BYTES = 65535
+MAX_TOPIC_BYTES = _MAX_BYTES
 
 cdef enum:
     # Levels and pending visits kept on the C stack by a search; deeper topics use the heap.
@@ -302,14 +302,15 @@ cdef inline bint _is_shared(const char* p, Py_ssize_t n) noexcept nogil:
     return n >= 7 and memcmp(p, _SHARE_PREFIX, 7) == 0
 
 
-cdef int _check_plain(object filt) except -1:
-    """Validate a filter without looking at ``$share/`` (the inner filter of one, say)."""
+cdef int _check(object s, bint is_filter, str what) except -1:
+    """Validate a topic name, or a filter without looking at ``$share/`` (the inner filter of
+    one, say)."""
     cdef Level buf[STACK_LEVELS]
     cdef Level* heap = NULL
     cdef Py_ssize_t n, nl
-    cdef const char* p = _as_utf8(filt, &n, "topic filter")
+    cdef const char* p = _as_utf8(s, &n, what)
     try:
-        _levels(p, n, True, buf, &heap, &nl, "topic filter")
+        _levels(p, n, is_filter, buf, &heap, &nl, what)
     finally:
         PyMem_Free(heap)
     return 0
@@ -342,7 +343,7 @@ cdef tuple _split_shared(object filt, Py_ssize_t nbytes):
             "the filter of a shared subscription must not itself be a $share/ filter"
         )
     try:
-        _check_plain(inner)
+        _check(inner, True, "topic filter")
     except ValueError as exc:
         raise ValueError(f"shared subscription {group!r}: {exc}") from None
     return (group, inner)
@@ -365,14 +366,7 @@ def validate_topic(topic):
     A topic name is a non-empty str of at most 65,535 UTF-8 bytes without U+0000, lone
     surrogates or the wildcards ``+`` and ``#``.  Non-str: TypeError.
     """
-    cdef Level buf[STACK_LEVELS]
-    cdef Level* heap = NULL
-    cdef Py_ssize_t n, nl
-    cdef const char* p = _as_utf8(topic, &n, "topic name")
-    try:
-        _levels(p, n, False, buf, &heap, &nl, "topic name")
-    finally:
-        PyMem_Free(heap)
+    _check(topic, False, "topic name")
 
 
 def validate_filter(filter):
@@ -396,7 +390,7 @@ def parse_shared(filter):
     cdef const char* p = _as_utf8(filter, &n, "topic filter")
     if _is_shared(p, n):
         return _split_shared(filter, n)
-    _check_plain(filter)
+    _check(filter, True, "topic filter")
     return None
 
 

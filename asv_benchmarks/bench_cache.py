@@ -65,7 +65,9 @@ def _fill(cache: Any, keys: list[str]) -> Any:
     return cache
 
 
-class Get:
+class _Full:
+    """Both caches filled with ``keys`` (every entry live); ``others`` are absent keys."""
+
     params = ([10_000, 100_000],)
     param_names: ClassVar[list[str]] = ["entries"]
 
@@ -75,6 +77,8 @@ class Get:
         self.ours = _fill(TTLCache(n, TTL), self.keys)
         self.naive = _fill(_Naive(n, TTL), self.keys)
 
+
+class Get(_Full):
     def time_hit_now(self, n: int) -> None:
         get = self.ours.get
         for k in self.keys:
@@ -101,15 +105,9 @@ class Get:
             get(k, None, now=1.0)
 
 
-class Put:
-    params = ([10_000, 100_000],)
-    param_names: ClassVar[list[str]] = ["entries"]
-
+class Put(_Full):
     def setup(self, n: int) -> None:
-        self.keys = [f"topic/{i}" for i in range(n)]
-        self.others = [f"other/{i}" for i in range(n)]
-        self.ours = _fill(TTLCache(n, TTL), self.keys)
-        self.naive = _fill(_Naive(n, TTL), self.keys)
+        super().setup(n)
         self.flip = [self.others, self.keys]
         self.naive_flip = [self.others, self.keys]
 

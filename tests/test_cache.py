@@ -8,6 +8,7 @@ the compiled cache and the model with the same random operations and compares ev
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import pickle
 import time
@@ -21,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from macula import TTLCache
 from macula._ext import cache as cache_mod
+from tests.gc_util import gc_disabled, traced_growth
 from tests.models.cache_model import ModelTTLCache
 
 
@@ -460,43 +462,27 @@ def test_cycles_through_values_and_the_clock_are_collected() -> None:
         c.put("x", Payload(), now=0.0)
         return weakref.ref(c), weakref.ref(inner)
 
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_disabled():
         ref_cache, ref_inner = make()
         assert ref_cache() is not None  # kept alive by the cycles alone
         gc.collect()
         assert ref_cache() is None and ref_inner() is None
-    finally:
-        if was:
-            gc.enable()
 
 
 def test_no_growth_over_many_cycles() -> None:
-    import tracemalloc
-
     c: TTLCache[str, bytes] = TTLCache(100, 1.0)
     keys = [f"k{i}" for i in range(300)]
+    clock = itertools.count()
 
-    def cycle(t: float) -> None:
+    def cycle() -> None:
+        t = float(next(clock))  # one second later each cycle
         for i, k in enumerate(keys):
             c.put(k, b"v", ttl=1.0 + (i % 3), now=t)
             c.get(keys[i // 2], now=t)
         c.expire(now=t + 2.5, budget=50)
         c.pop(keys[0], now=t)
 
-    for i in range(20):
-        cycle(float(i))
-    gc.collect()
-    tracemalloc.start()
-    try:
-        cycle(100.0)
-        first = tracemalloc.get_traced_memory()[0]
-        for i in range(200):
-            cycle(200.0 + i)
-        grown = tracemalloc.get_traced_memory()[0] - first
-    finally:
-        tracemalloc.stop()
+    grown = traced_growth(cycle, warmup=20, settle=1, rounds=200)
     assert grown < 10_000, grown
 
 

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 
 from macula import BatchEncoder, FrameDecoder, FrameError
 from macula._ext import codec
+from tests.gc_util import gc_disabled, gc_every_allocation, traced_growth
 from tests.models.codec_model import (
     DEFAULT_MAX_FRAME,
     FRAME_LIMIT,
@@ -397,19 +398,10 @@ def test_reentry_into_feed_from_a_finaliser_is_refused() -> None:
     data = frame(b"ab") + frame(b"cd") + frame(b"ef")
     got = [bytes(f) for f in dec.feed(data[:4])]
     feed, rest = dec.feed, data[4:]  # nothing left to allocate before feed() runs
-    old = gc.get_threshold()
-    was = gc.isenabled()
-    gc.enable()
-    try:
-        Trap()
-        gc.set_threshold(1)
+    Trap()
+    with gc_every_allocation():
         out = feed(rest)
-        gc.set_threshold(*old)
-        got += [bytes(f) for f in out]
-    finally:
-        gc.set_threshold(*old)
-        if not was:
-            gc.disable()
+    got += [bytes(f) for f in out]
     gc.collect()
     assert len(seen) == 1 and isinstance(seen[0], RuntimeError)
     assert "feed() called while feed() is running" in str(seen[0])
@@ -554,21 +546,7 @@ def test_no_leak_over_many_cycles() -> None:
         with contextlib.suppress(FrameError):
             FrameDecoder().feed(data[:500] + b"\x80\x80\x80\x80")
 
-    for _ in range(20):
-        cycle()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        for _ in range(5):
-            cycle()
-        gc.collect()
-        first = tracemalloc.get_traced_memory()[0]
-        for _ in range(100):
-            cycle()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - first
-    finally:
-        tracemalloc.stop()
+    grown = traced_growth(cycle, warmup=20, settle=5, rounds=100)
     assert grown < 20_000, grown
 
 
@@ -589,16 +567,11 @@ def test_cycles_through_the_enc_hook_are_collected() -> None:
         enc.append(object())
         return weakref.ref(sentinel)
 
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_disabled():
         ref = make()
         assert ref() is not None  # kept alive by the cycle alone
         gc.collect()
         assert ref() is None
-    finally:
-        if was:
-            gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------

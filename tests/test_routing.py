@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import math
 import random
-import tracemalloc
 import weakref
 from typing import Any
 
@@ -21,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from macula import RoutingTable
 from macula._ext import routing
+from tests.gc_util import gc_disabled, gc_every_allocation, traced_growth
 from tests.models.routing_model import ModelRoutingTable, as_int, cpl
 
 ZERO = bytes(32)
@@ -444,16 +444,11 @@ def test_a_cycle_through_a_contact_is_collectable() -> None:
         t.add(in_bucket(ZERO, 0, 2), q)
         return weakref.ref(c), weakref.ref(q)
 
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_disabled():
         ref_c, ref_q = make()
         assert ref_c() is not None and ref_q() is not None  # kept alive by the cycles alone
         gc.collect()
         assert ref_c() is None and ref_q() is None
-    finally:
-        if was:
-            gc.enable()
 
 
 def test_a_finaliser_may_use_the_table_once_its_call_is_done() -> None:
@@ -489,18 +484,9 @@ def test_a_finaliser_that_modifies_the_table_during_a_call_is_refused() -> None:
                 seen.append(exc)
 
     closest = t.closest
-    old = gc.get_threshold()
-    was = gc.isenabled()
-    gc.enable()
-    try:
-        Trap()
-        gc.set_threshold(1)
+    Trap()
+    with gc_every_allocation():
         out = closest(ZERO, 150)  # allocates tuples: a collection runs the finaliser
-        gc.set_threshold(*old)
-    finally:
-        gc.set_threshold(*old)
-        if not was:
-            gc.disable()
     gc.collect()
     assert len(seen) == 1 and isinstance(seen[0], RuntimeError)
     assert "modified while one of its calls is running" in str(seen[0])
@@ -523,20 +509,7 @@ def test_no_leak_over_many_cycles() -> None:
         [t.bucket(i) for i in range(10)]
         t.clear()
 
-    for _ in range(5):
-        cycle()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        cycle()
-        gc.collect()
-        first = tracemalloc.get_traced_memory()[0]
-        for _ in range(30):
-            cycle()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - first
-    finally:
-        tracemalloc.stop()
+    grown = traced_growth(cycle, warmup=5, settle=1, rounds=30)
     assert grown < 10_000, grown
 
 

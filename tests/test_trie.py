@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant
 
 from macula import TopicTrie, parse_shared, validate_filter, validate_topic
 from macula._ext import trie as trie_module
+from tests.gc_util import gc_disabled
 from tests.models import trie_model as model
 from tests.models.trie_model import RULE_PATTERNS, ModelError, ModelTrie
 
@@ -894,16 +895,11 @@ def test_a_cycle_through_a_key_is_collectable() -> None:
         trie.add("b", (key, "tuple"))
         return weakref.ref(key)
 
-    was = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_disabled():
         ref = make()
         assert ref() is not None  # kept alive by the cycle alone
         gc.collect()
         assert ref() is None
-    finally:
-        if was:
-            gc.enable()
 
 
 def test_add_remove_loop_leaves_the_trie_as_it_was() -> None:

@@ -3,6 +3,8 @@
 from collections.abc import Hashable, Iterator
 from typing import Any, TypedDict, final
 
+MAX_TOPIC_BYTES: int
+
 class TrieStats(TypedDict):
     subscriptions: int
     filters: int
