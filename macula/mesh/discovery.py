@@ -77,7 +77,6 @@ class _Anchor:
     trie: TopicTrie = field(default_factory=TopicTrie)  # plain filters -> node ids
     # shared filters ``$share/<group>/<filter>`` -> (group, filter, node id)
     shared: TopicTrie = field(default_factory=TopicTrie)
-    endpoints: dict[bytes, tuple[str, int] | None] = field(default_factory=dict)
     # what the answer said, node by node: its endpoint and its (valid) filters here
     answer: dict[bytes, tuple[tuple[str, int] | None, frozenset[str]]] = field(
         default_factory=dict)
@@ -195,9 +194,9 @@ class Discovery(Generic[T]):
     def endpoint_of(self, node_id: bytes) -> tuple[str, int] | None:
         """The endpoint a node advertised (any anchor); None if unknown or client mode."""
         for anchor in self._anchors.values():
-            ep = anchor.endpoints.get(node_id)
-            if ep is not None:
-                return ep
+            entry = anchor.answer.get(node_id)
+            if entry is not None and entry[0] is not None:
+                return entry[0]
         return None
 
     def take_lookups(self) -> list[str]:
@@ -238,7 +237,6 @@ class Discovery(Generic[T]):
         # alone (two nodes swapping filters leaves it the same)
         changed = a.known_at is None or answer != a.answer
         a.trie, a.shared, a.answer, a.known_at = trie, shared_trie, answer, now
-        a.endpoints = {nid: ep for nid, (ep, _) in answer.items()}
         if changed:
             a.generation += 1
             self._epoch += 1
@@ -285,7 +283,6 @@ class Discovery(Generic[T]):
                 continue
             found = True
             del a.answer[node_id]
-            a.endpoints.pop(node_id, None)
             trie = TopicTrie()
             shared_trie = TopicTrie()
             for nid, (_, filters) in a.answer.items():
