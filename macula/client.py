@@ -249,10 +249,10 @@ class Client:
         self._flush_scheduled = False
         self._retry: asyncio.TimerHandle | None = None
         self._next = 0
-        # id -> (future, code, on_reply): on_reply runs as the reply is dispatched, before
-        # the next command of the same body (an EVENT right after its SUBACK needs the
-        # Subscription to exist already).
-        self._pending: dict[int, tuple[asyncio.Future[Any], int, Callable[[Any], Any] | None]] = {}
+        # id -> (future, on_reply): on_reply runs as the reply is dispatched, before the next
+        # command of the same body (an EVENT right after its SUBACK needs the Subscription to
+        # exist already).
+        self._pending: dict[int, tuple[asyncio.Future[Any], Callable[[Any], Any] | None]] = {}
         self._subs: dict[int, Subscription] = {}
         self._by_filter: dict[str, Subscription] = {}
         self._regs: dict[int, Registration] = {}
@@ -323,7 +323,7 @@ class Client:
         for h in (self._hb_timer, self._retry):
             if h is not None:
                 h.cancel()
-        for fut, _, _ in self._pending.values():
+        for fut, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed(str(reason), reason.code))
         self._pending.clear()
@@ -486,29 +486,28 @@ class Client:
                        on_reply: Callable[[Any], Any] | None = None) -> Any:
         self._check_open()
         rid = self._new_id()
+        return await self._await_reply(rid, (int(code), rid, *fields), timeout,
+                                       f"no answer to {code.name} within {timeout} s", on_reply)
+
+    async def _request_mid(self, topic: str, data: bytes, retain: bool,
+                           timeout: float) -> p.Puback:
+        mid = self._new_id()
+        return cast(p.Puback, await self._await_reply(
+            mid, (14, topic, data, 1, mid, bool(retain)), timeout,
+            f"no PUBACK within {timeout} s"))
+
+    async def _await_reply(self, rid: int, command: tuple[Any, ...], timeout: float,
+                           late: str, on_reply: Callable[[Any], Any] | None = None) -> Any:
+        """Queue ``command`` and wait for the reply naming ``rid`` (TimeoutError: ``late``)."""
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[rid] = (fut, int(code), on_reply)
-        self._queue((int(code), rid, *fields))
-        timer = self._loop.call_later(timeout, _expire, fut,
-                                      f"no answer to {code.name} within {timeout} s")
+        self._pending[rid] = (fut, on_reply)
+        self._queue(command)
+        timer = self._loop.call_later(timeout, _expire, fut, late)
         try:
             return await fut
         finally:
             timer.cancel()
             self._pending.pop(rid, None)
-
-    async def _request_mid(self, topic: str, data: bytes, retain: bool,
-                           timeout: float) -> p.Puback:
-        mid = self._new_id()
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[mid] = (fut, int(Code.PUBLISH), None)
-        self._queue((14, topic, data, 1, mid, bool(retain)))
-        timer = self._loop.call_later(timeout, _expire, fut, f"no PUBACK within {timeout} s")
-        try:
-            return cast(p.Puback, await fut)
-        finally:
-            timer.cancel()
-            self._pending.pop(mid, None)
 
     def _check_open(self) -> None:
         if self.closed is not None:
@@ -606,7 +605,7 @@ class Client:
     def _resolve(self, rid: int, value: Any) -> None:
         entry = self._pending.get(rid)
         if entry is not None and not entry[0].done():
-            on_reply = entry[2]
+            on_reply = entry[1]
             entry[0].set_result(on_reply(value) if on_reply is not None else value)
 
     def _on_error(self, err: p.Error) -> None:

@@ -140,6 +140,13 @@ def _rss_bytes() -> float:
         return 0.0
 
 
+def _family(kind: str, name: str, doc: str,
+            labels: list[str] | None) -> CounterMetricFamily | GaugeMetricFamily:
+    if kind == "counter":
+        return CounterMetricFamily(name, doc, labels=labels)
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
 class BrokerCollector(Collector):
     """Turns a ``stats()`` callable into Prometheus metric families at scrape time."""
 
@@ -166,11 +173,7 @@ class BrokerCollector(Collector):
                stats: dict[str, Any]) -> Iterator[Metric]:
         for key, name, kind, doc, label in spec:
             value = stats.get(key, 0)
-            family: CounterMetricFamily | GaugeMetricFamily
-            if kind == "counter":
-                family = CounterMetricFamily(name, doc, labels=[label] if label else None)
-            else:
-                family = GaugeMetricFamily(name, doc, labels=[label] if label else None)
+            family = _family(kind, name, doc, [label] if label else None)
             if label:
                 for lv, v in sorted(value.items()):
                     family.add_metric([lv.lower()], float(v))
@@ -180,11 +183,7 @@ class BrokerCollector(Collector):
 
     def _shard_families(self, shards: list[dict[str, Any]]) -> Iterator[Metric]:
         for key, name, kind, doc in _SHARD_SPEC:
-            family: CounterMetricFamily | GaugeMetricFamily
-            if kind == "counter":
-                family = CounterMetricFamily(name, doc, labels=["shard"])
-            else:
-                family = GaugeMetricFamily(name, doc, labels=["shard"])
+            family = _family(kind, name, doc, ["shard"])
             for sh in shards:
                 family.add_metric([str(sh["shard"])], float(sh.get(key, 0)))
             yield family

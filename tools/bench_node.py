@@ -126,20 +126,6 @@ def client_publisher(endpoint: str, n: int, chunk: int) -> None:
     asyncio.run(main())
 
 
-def client_throughput(endpoint: str, n: int) -> tuple[int, float]:
-    ready = mp.Event()
-    out: mp.Queue[tuple[int, float]] = mp.Queue()
-    sub = mp.Process(target=client_subscriber, args=(endpoint, n, ready, out))
-    sub.start()
-    ready.wait(10)
-    pub = mp.Process(target=client_publisher, args=(endpoint, n, 1000))
-    pub.start()
-    pub.join(120)
-    got, elapsed = out.get(timeout=120)
-    sub.join(10)
-    return got, elapsed
-
-
 def client_provider(endpoint: str, ready: mp.Event, stop: mp.Event) -> None:  # type: ignore[type-arg]
     from macula.client import Client
 
@@ -203,9 +189,7 @@ def c_fanout(program: Path, endpoint: str, subscribers: int, procs: int,
         for pr in ps:
             assert pr.stdout is not None and pr.stdout.readline().strip() == "READY"
         ctx = zmq.Context()
-        pub = ctx.socket(zmq.DEALER)
-        pub.connect(endpoint)
-        q._hello(pub, "cfanpub")
+        pub = q.session(ctx, endpoint, "cfanpub")
         lat = []
         for _ in range(rounds):
             time.sleep(0.3)
@@ -234,95 +218,14 @@ def wide_filter(j: int) -> str:
     return "/".join("+" if j >> i & 1 else lv for i, lv in enumerate(_LEVELS))
 
 
-def _events_in(body: bytes) -> int:
-    """The number of commands in a body, read from its array header (no decoding)."""
-    b = body[0]
-    if b & 0xF0 == 0x90:
-        return b & 0x0F
-    if b == 0xDC:
-        return int.from_bytes(body[1:3], "big")
-    return int.from_bytes(body[1:5], "big")
-
-
-def wide_subscribers(endpoint: str, filters: list[list[str]], rounds: int, ready: mp.Event,
-                     out: mp.Queue) -> None:  # type: ignore[type-arg]
-    """One DEALER per entry of ``filters`` (subscribed to those); per round the EVENTs
-    received and the time of the last one."""
-    import zmq
-
-    ctx = zmq.Context()
-    socks = []
-    for i, flts in enumerate(filters):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.RCVHWM, 100_000)
-        s.connect(endpoint)
-        s.send_multipart([q.SIG, q.enc.encode(
-            [[1, 1, "bench", f"wide{i}", "", 60_000]] + [[10, j, f, 0] for j, f in
-                                                         enumerate(flts)])])
-        socks.append(s)
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
-    want = sum(len(f) for f in filters)
-    acked = 0
-    while acked < want:  # WELCOME + the SUBACKs
-        for s, _ in poller.poll(10_000):
-            cmds = q.dec.decode(s.recv_multipart()[1])
-            acked += sum(1 for c in cmds if c[0] == 11)
-    ready.set()
-    for _ in range(rounds):
-        got = 0
-        last = 0.0
-        while got < want:
-            events = poller.poll(5000)
-            if not events:
-                break
-            for s, _ in events:
-                got += _events_in(s.recv_multipart()[1])
-            last = time.perf_counter()
-        out.put((got, last))
-    for s in socks:
-        s.close(0)
-    ctx.term()
-
-
 def wide_fanout(endpoint: str, sets: int, procs: int, rounds: int,
                 sockets: int = 250, per_socket: int = 100) -> list[float]:
     """One PUBLISH to ``sockets`` x ``per_socket`` subscriptions; ``sets`` filter sets."""
-    import zmq
-
     per_set = sockets // sets
     subs = [[wide_filter((i // per_set) * per_socket + j) for j in range(per_socket)]
             for i in range(sockets)]
-    readies = [mp.Event() for _ in range(procs)]
-    out: mp.Queue[tuple[int, float]] = mp.Queue()
-    ps = [mp.Process(target=wide_subscribers,
-                     args=(endpoint, subs[k::procs], rounds, readies[k], out))
-          for k in range(procs)]
-    for pr in ps:
-        pr.start()
-    for r in readies:
-        r.wait(120)
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.DEALER)
-    pub.connect(endpoint)
-    q._hello(pub, "widepub")
-    lat = []
-    total = sockets * per_socket
-    for _ in range(rounds):
-        time.sleep(0.3)
-        t0 = time.perf_counter()
-        pub.send_multipart([q.SIG, q.enc.encode([[14, WIDE_TOPIC, PAYLOAD]])])
-        results = [out.get(timeout=60) for _ in range(procs)]
-        got = sum(g for g, _ in results)
-        lat.append(max(t for _, t in results) - t0)
-        print(f"  25k ({sets} filter sets): {got}/{total} delivered, last after "
-              f"{lat[-1] * 1e3:.2f} ms", flush=True)
-    for pr in ps:
-        pr.join(30)
-    pub.close(0)
-    ctx.term()
-    return lat
+    return q.fan_rounds(endpoint, [subs[k::procs] for k in range(procs)], WIDE_TOPIC, rounds,
+                        f"25k ({sets} filter sets)")
 
 
 def load_subscribers(endpoint: str, count: int, expect: int, flt: str, ready: mp.Event,
@@ -330,22 +233,7 @@ def load_subscribers(endpoint: str, count: int, expect: int, flt: str, ready: mp
     import zmq
 
     ctx = zmq.Context()
-    socks = []
-    for i in range(count):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.RCVHWM, 100_000)
-        s.connect(endpoint)
-        s.send_multipart([q.SIG, q.enc.encode([[1, 1, "bench", f"load{i}", "", 60_000],
-                                                 [10, 2, flt, 0]])])
-        socks.append(s)
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
-    acked = 0
-    while acked < count:
-        for s, _ in poller.poll(10_000):
-            cmds = q.dec.decode(s.recv_multipart()[1])
-            acked += sum(1 for c in cmds if c[0] == 11)
+    socks, poller = q.open_subscribers(ctx, endpoint, [[flt]] * count, "load")
     ready.set()
     got = 0
     first = last = 0.0
@@ -360,7 +248,7 @@ def load_subscribers(endpoint: str, count: int, expect: int, flt: str, ready: mp
                     body = s.recv_multipart(zmq.NOBLOCK)[1]
                 except zmq.Again:
                     break
-                got += _events_in(body)
+                got += q.events_in(body)
         last = time.perf_counter()
         if not first:
             first = last
@@ -388,9 +276,7 @@ def one_to_many(endpoint: str, subscribers: int = 100, procs: int = 4, n: int = 
     import zmq
 
     ctx = zmq.Context()
-    pub = ctx.socket(zmq.DEALER)
-    pub.connect(endpoint)
-    q._hello(pub, "loadpub")
+    pub = q.session(ctx, endpoint, "loadpub")
     body = q.enc.encode([[14, "load/t", PAYLOAD]] * batch)
     for i in range(n // batch):
         if distinct:
@@ -499,7 +385,8 @@ def main() -> int:
             r = median_rate(lambda: q.one_run(ep, n, 1000), runs, "batched")
             rows.append(("1 pub → 1 sub, batched (1,000 PUBLISH/message)", f"{r:,.0f} msg/s",
                          "≥ 500,000", _met(r >= 500_000)))
-            r = median_rate(lambda: client_throughput(ep, n), runs, "Client batched")
+            r = median_rate(lambda: q.one_run(ep, n, 1000, client_subscriber, client_publisher),
+                            runs, "Client batched")
             rows.append(("  same through macula.Client on both sides", f"{r:,.0f} msg/s",
                          "", ""))
             r = median_rate(lambda: q.one_run(ep, max(n // 4, 10_000), 1), runs, "single")

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -31,18 +32,61 @@ enc = msgspec.msgpack.Encoder()
 dec = msgspec.msgpack.Decoder()
 
 
-def _hello(sock: zmq.Socket[bytes], name: str) -> None:
+def session(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, name: str, *,
+            sndhwm: int = 0, rcvhwm: int = 0) -> zmq.Socket[bytes]:
+    """A DEALER connected to ``endpoint`` with its session open (HELLO answered by WELCOME);
+    a high-water mark of 0 leaves ZeroMQ's default."""
+    sock = ctx.socket(zmq.DEALER)
+    if sndhwm:
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+    if rcvhwm:
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.connect(endpoint)
     sock.send_multipart([SIG, enc.encode([[1, 1, "bench", name, "", 60_000]])])
     reply = dec.decode(sock.recv_multipart()[1])
     assert reply[0][0] == 2, reply
+    return sock
+
+
+def events_in(body: bytes) -> int:
+    """The number of commands in a body, read from its array header (no decoding)."""
+    b = body[0]
+    if b & 0xF0 == 0x90:
+        return b & 0x0F
+    if b == 0xDC:
+        return int.from_bytes(body[1:3], "big")
+    return int.from_bytes(body[1:5], "big")
+
+
+def open_subscribers(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str,
+                     filters: list[list[str]], name: str,
+                     ) -> tuple[list[zmq.Socket[bytes]], zmq.Poller]:
+    """One DEALER per entry of ``filters``, opening its session and subscribing to those
+    filters in one message; returns (the sockets, a poller of them) once every SUBACK came."""
+    socks = []
+    for i, flts in enumerate(filters):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        s.connect(endpoint)
+        s.send_multipart([SIG, enc.encode(
+            [[1, 1, "bench", f"{name}{i}", "", 60_000]]
+            + [[10, 2 + j, f, 0] for j, f in enumerate(flts)])])
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    want = sum(len(f) for f in filters)
+    acked = 0
+    while acked < want:  # WELCOME + the SUBACKs
+        for s, _ in poller.poll(10_000):
+            cmds = dec.decode(s.recv_multipart()[1])
+            acked += sum(1 for c in cmds if c[0] == 11)
+    return socks, poller
 
 
 def subscriber(endpoint: str, n: int, ready: mp.Event, out: mp.Queue) -> None:  # type: ignore[type-arg]
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.connect(endpoint)
-    _hello(sock, "sub")
+    sock = session(ctx, endpoint, "sub", rcvhwm=100_000)
     sock.send_multipart([SIG, enc.encode([[10, 2, "bench/#", 0]])])
     assert dec.decode(sock.recv_multipart()[1])[0][0] == 11
     ready.set()
@@ -67,10 +111,7 @@ def subscriber(endpoint: str, n: int, ready: mp.Event, out: mp.Queue) -> None:  
 
 def publisher(endpoint: str, n: int, batch: int) -> None:
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.SNDHWM, 1000)
-    sock.connect(endpoint)
-    _hello(sock, "pub")
+    sock = session(ctx, endpoint, "pub", sndhwm=1000)
     payload = b"x" * 64
     body = enc.encode([[14, "bench/topic", payload]] * batch)
     for _ in range(n // batch):
@@ -84,13 +125,16 @@ def publisher(endpoint: str, n: int, batch: int) -> None:
     ctx.term()
 
 
-def one_run(endpoint: str, n: int, batch: int) -> tuple[int, float]:
+def one_run(endpoint: str, n: int, batch: int, sub_main: Callable[..., None] = subscriber,
+            pub_main: Callable[..., None] = publisher) -> tuple[int, float]:
+    """``sub_main(endpoint, n, ready, out)`` receives what ``pub_main(endpoint, n, batch)``
+    publishes: (messages received, first-to-last time)."""
     ready = mp.Event()
     out: mp.Queue[tuple[int, float]] = mp.Queue()
-    sub = mp.Process(target=subscriber, args=(endpoint, n, ready, out))
+    sub = mp.Process(target=sub_main, args=(endpoint, n, ready, out))
     sub.start()
     ready.wait(10)
-    pub = mp.Process(target=publisher, args=(endpoint, n, batch))
+    pub = mp.Process(target=pub_main, args=(endpoint, n, batch))
     pub.start()
     pub.join(120)
     got, elapsed = out.get(timeout=120)
@@ -98,36 +142,23 @@ def one_run(endpoint: str, n: int, batch: int) -> tuple[int, float]:
     return got, elapsed
 
 
-def fan_subscribers(endpoint: str, count: int, rounds: int, ready: mp.Event,
+def fan_subscribers(endpoint: str, filters: list[list[str]], rounds: int, ready: mp.Event,
                     out: mp.Queue) -> None:  # type: ignore[type-arg]
-    """``count`` DEALER sockets subscribed to ``fan/t``; per round, the last arrival time."""
+    """One DEALER per entry of ``filters`` (subscribed to those); per round the EVENTs
+    received and the time of the last one."""
     ctx = zmq.Context()
-    socks = []
-    for i in range(count):
-        s = ctx.socket(zmq.DEALER)
-        s.connect(endpoint)
-        s.send_multipart([SIG, enc.encode([[1, 1, "bench", f"fan{i}", "", 60_000],
-                                           [10, 2, "fan/t", 0]])])
-        socks.append(s)
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
-    acked = 0
-    while acked < count:  # WELCOME + SUBACK each
-        for s, _ in poller.poll(5000):
-            cmds = dec.decode(s.recv_multipart()[1])
-            acked += sum(1 for c in cmds if c[0] == 11)
+    socks, poller = open_subscribers(ctx, endpoint, filters, "fan")
+    want = sum(len(f) for f in filters)
     ready.set()
     for _ in range(rounds):
         got = 0
         last = 0.0
-        while got < count:
+        while got < want:
             events = poller.poll(5000)
             if not events:
                 break
             for s, _ in events:
-                s.recv_multipart()
-                got += 1
+                got += events_in(s.recv_multipart()[1])
             last = time.perf_counter()
         out.put((got, last))
     for s in socks:
@@ -135,29 +166,33 @@ def fan_subscribers(endpoint: str, count: int, rounds: int, ready: mp.Event,
     ctx.term()
 
 
-def fanout(endpoint: str, subscribers: int, procs: int, rounds: int) -> list[float]:
+def fan_rounds(endpoint: str, filters: list[list[list[str]]], topic: str, rounds: int,
+               label: str) -> list[float]:
+    """Per round one PUBLISH on ``topic`` to sockets in ``len(filters)`` processes (each
+    process's sockets and their filters, see fan_subscribers): the time from the send to the
+    last EVENT."""
+    procs = len(filters)
     readies = [mp.Event() for _ in range(procs)]
     out: mp.Queue[tuple[int, float]] = mp.Queue()
-    ps = [mp.Process(target=fan_subscribers,
-                     args=(endpoint, subscribers // procs, rounds, readies[i], out))
-          for i in range(procs)]
+    ps = [mp.Process(target=fan_subscribers, args=(endpoint, filters[k], rounds, readies[k], out))
+          for k in range(procs)]
     for pr in ps:
         pr.start()
     for r in readies:
-        r.wait(60)
+        r.wait(120)
     ctx = zmq.Context()
-    pub = ctx.socket(zmq.DEALER)
-    pub.connect(endpoint)
-    _hello(pub, "fanpub")
+    pub = session(ctx, endpoint, "fanpub")
+    total = sum(len(f) for per in filters for f in per)
     lat = []
     for _ in range(rounds):
         time.sleep(0.3)
         t0 = time.perf_counter()
-        pub.send_multipart([SIG, enc.encode([[14, "fan/t", b"x" * 64]])])
-        results = [out.get(timeout=30) for _ in range(procs)]
+        pub.send_multipart([SIG, enc.encode([[14, topic, b"x" * 64]])])
+        results = [out.get(timeout=60) for _ in range(procs)]
         got = sum(g for g, _ in results)
         lat.append(max(t for _, t in results) - t0)
-        print(f"  fan-out: {got}/{subscribers} delivered, last after {lat[-1] * 1e3:.2f} ms")
+        print(f"  {label}: {got}/{total} delivered, last after {lat[-1] * 1e3:.2f} ms",
+              flush=True)
     for pr in ps:
         pr.join(30)
     pub.close(0)
@@ -165,11 +200,15 @@ def fanout(endpoint: str, subscribers: int, procs: int, rounds: int) -> list[flo
     return lat
 
 
+def fanout(endpoint: str, subscribers: int, procs: int, rounds: int) -> list[float]:
+    """One PUBLISH to ``subscribers`` sockets (one subscription each) in ``procs`` processes."""
+    per_proc = [["fan/t"]] * (subscribers // procs)
+    return fan_rounds(endpoint, [per_proc] * procs, "fan/t", rounds, "fan-out")
+
+
 def rpc_provider(endpoint: str, ready: mp.Event) -> None:  # type: ignore[type-arg]
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(endpoint)
-    _hello(sock, "provider")
+    sock = session(ctx, endpoint, "provider")
     sock.send_multipart([SIG, enc.encode([[20, 2, "bench.echo"]])])
     sock.recv_multipart()
     ready.set()
@@ -188,9 +227,7 @@ def rpc(endpoint: str, calls: int) -> list[float]:
     prov.start()
     ready.wait(30)
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(endpoint)
-    _hello(sock, "caller")
+    sock = session(ctx, endpoint, "caller")
     times = []
     for i in range(calls):
         body = enc.encode([[24, i, "bench.echo", i]])
@@ -215,7 +252,7 @@ def main() -> int:
     args = ap.parse_args()
     node = subprocess.Popen(
         [sys.executable, "-m", "macula.cli", "node", "--endpoint", "tcp://127.0.0.1:0",
-         "--metrics-port", "-1"],
+         "--metrics-port", "-1", "--mesh-port", "-1"],  # the control plane alone
         stdout=subprocess.PIPE, text=True,
     )
     try:

@@ -19,8 +19,8 @@ Subscriptions
     filters gets one EVENT per matching subscription, each naming its ``sub_id`` (MQTT 5
     allows this; the client dispatches on ``sub_id`` without matching again).
 
-Delivery targets are :class:`Sink` objects: today a local :class:`Session`; a remote node
-(the mesh) will be another sink behind the same ``offer(sub, msg, qos)`` call.
+Delivery targets are local :class:`Session` objects (``offer(sub, msg, qos)``); other
+nodes are reached through the :class:`MeshHook` (``broker.mesh``), not as delivery targets.
 
 Delivery shards (``broker.fanout``, set by ``macula.shards``)
     With a :class:`Fanout` set, plain (not shared) subscriptions are not put in the realm's
@@ -191,14 +191,6 @@ class RemoteCaller:
         self.done(command)
 
 
-class Sink(Protocol):
-    """Where deliveries go: a local session today, a remote node later."""
-
-    def offer(self, sub: Subscription, msg: Msg, qos: int) -> bool:
-        """Queue ``msg`` for ``sub``; False when a QoS 1 delivery cannot be taken."""
-        ...
-
-
 class Msg:
     """One published message, encoded once: ``tail`` = msgpack of topic, payload, retain."""
 
@@ -299,7 +291,7 @@ class PendingCall:
 
 
 class Session:
-    """One welcomed client. Implements :class:`Sink`."""
+    """One welcomed client."""
 
     def __init__(
         self, broker: Broker, identity: bytes, sid: int, realm: Realm, name: str,
@@ -336,8 +328,9 @@ class Session:
         self.invocations: set[int] = set()  # invocations this session must answer (provider)
         self.dedup: TTLCache[int, int] = TTLCache(lim.dedup_window, lim.dedup_ttl)
 
-    # -- Sink -----------------------------------------------------------------------------
+    # -- deliveries -----------------------------------------------------------------------
     def offer(self, sub: Subscription, msg: Msg, qos: int) -> bool:
+        """Queue ``msg`` for ``sub``; False when a QoS 1 delivery cannot be taken."""
         b = self.broker
         if qos == 0:
             q0 = self.q0
@@ -633,19 +626,27 @@ class Broker:
             if not qos:
                 fan.publish(realm.name, topic, tail, 0, 0)
                 return
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            self._pending[seq] = PendingPub(s, cmd.mid, msg, ok, len(targets) + remote)
             s.dedup.put(cmd.mid, -1, now=self.now)
-            fan.publish(realm.name, topic, tail, 1, seq)
+            self._hold(fan, realm.name, PendingPub(s, cmd.mid, msg, ok, len(targets) + remote))
             return
         if qos:
-            reason = (
-                (PubackReason.OK if targets or remote else PubackReason.NO_SUBSCRIBERS)
-                if ok else PubackReason.QUOTA_EXCEEDED
-            )
-            s.dedup.put(cmd.mid, int(reason), now=self.now)
-            s.reply(_enc((int(Code.PUBACK), cmd.mid, int(reason))))
+            self._puback(s, cmd.mid, ok, bool(targets or remote))
+
+    def _hold(self, fan: Fanout, realm_name: str, pp: PendingPub) -> None:
+        """Route a QoS 1 message through the shards; ``finish_publish`` completes ``pp``."""
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._pending[seq] = pp
+        fan.publish(realm_name, pp.msg.topic, pp.msg.tail, 1, seq)
+
+    def _puback(self, s: Session, mid: int, ok: bool, matched: bool) -> None:
+        """Answer (and remember, for a repeated ``mid``) a QoS 1 PUBLISH."""
+        if ok:
+            reason = PubackReason.OK if matched else PubackReason.NO_SUBSCRIBERS
+        else:
+            reason = PubackReason.QUOTA_EXCEEDED
+        s.dedup.put(mid, int(reason), now=self.now)
+        s.reply(_enc((int(Code.PUBACK), mid, int(reason))))
 
     def inject(self, realm_name: str, topic: str, payload: bytes, qos: int,
                groups: list[tuple[str, str]], done: Callable[[], None] | None = None) -> None:
@@ -673,19 +674,13 @@ class Broker:
                 self._offer_group(g, msg, qos)
             else:  # its members left since the publishing node picked this node
                 self.drops["no_group_member"] += 1
-        if fan is None:
-            if done is not None:
-                done()
-            return
-        if not qos or done is None:
+        if fan is not None:
+            if qos and done is not None:
+                self._hold(fan, realm_name, PendingPub(None, 0, msg, True, 0, done))
+                return
             fan.publish(realm_name, topic, tail, 0, 0)
-            if done is not None:
-                done()
-            return
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        self._pending[seq] = PendingPub(None, 0, msg, True, 0, done)
-        fan.publish(realm_name, topic, tail, 1, seq)
+        if done is not None:
+            done()
 
     def deliver(self, sid: int, n: int, body: Any) -> None:
         """A whole body of ``n`` QoS 0 EVENTs built by a shard for session ``sid``.
@@ -729,14 +724,8 @@ class Broker:
         if pp.done is not None:
             pp.done()
         pub = pp.session
-        if pub is None or pub.closed:
-            return
-        if ok:
-            reason = PubackReason.OK if matched + pp.targets else PubackReason.NO_SUBSCRIBERS
-        else:
-            reason = PubackReason.QUOTA_EXCEEDED
-        pub.dedup.put(pp.mid, int(reason), now=self.now)
-        pub.reply(_enc((int(Code.PUBACK), pp.mid, int(reason))))
+        if pub is not None and not pub.closed:
+            self._puback(pub, pp.mid, ok, bool(matched + pp.targets))
 
     def _offer_group(self, g: Group, msg: Msg, qos: int) -> bool:
         members = g.members
@@ -1248,4 +1237,4 @@ def _code_of(cmd: Any) -> int:
     return tag if isinstance(tag, int) else 0
 
 
-__all__ = ["Broker", "Fanout", "Limits", "Msg", "Session", "Sink", "Subscription"]
+__all__ = ["Broker", "Fanout", "Limits", "Msg", "Session", "Subscription"]

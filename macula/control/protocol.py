@@ -343,16 +343,6 @@ def pack_uint(n: int) -> bytes:
     return _encoder.encode(n)
 
 
-def batch(commands: list[bytes]) -> bytes:
-    """A body from already-encoded commands: one array header, then the commands."""
-    return array_header(len(commands)) + b"".join(commands)
-
-
-def encode_body(commands: list[Any]) -> bytes:
-    """Encode a list of command structs (or arrays) as one body."""
-    return _encoder.encode(commands)
-
-
 def encode_message(commands: list[Any]) -> list[bytes]:
     """The two frames a client sends: the signature and the body."""
     return [SIGNATURE, _encoder.encode(commands)]
@@ -430,6 +420,6 @@ def check_signature(frame: bytes) -> None:
         return
     if len(frame) == 4 and frame[:3] == MAGIC:
         raise ProtocolError(
-            Err.BAD_VERSION, f"protocol version {frame[3]} is not supported (this node: 1)"
+            Err.BAD_VERSION, f"protocol version {frame[3]} is not supported (this node: {VERSION})"
         )
     raise ProtocolError(Err.BAD_SIGNATURE, "first frame must be the signature b'MCP\\x01'")

@@ -56,6 +56,11 @@ _P = b"P"
 _O = b"O"
 
 
+def _sub_op(s: Session, sub: Subscription) -> tuple[int, int, str, str, int, int]:
+    """The operation giving a shard ``sub`` (new, or its QoS changed)."""
+    return (0, s.sid, s.realm.name, sub.inner, sub.sub_id, sub.qos)
+
+
 class ShardProc:
     """The node's record of one shard."""
 
@@ -245,7 +250,7 @@ class ShardPool:
 
     # -- Fanout (called by the broker) ----------------------------------------------------
     def subscribe(self, s: Session, sub: Subscription) -> None:
-        self._op(s.sid, (0, s.sid, s.realm.name, sub.inner, sub.sub_id, sub.qos))
+        self._op(s.sid, _sub_op(s, sub))
 
     def unsubscribe(self, s: Session, sub: Subscription) -> None:
         self._op(s.sid, (1, s.sid, sub.sub_id))
@@ -362,9 +367,7 @@ class ShardPool:
         n = self.count
         for s in self.broker.by_sid.values():
             if s.sid % n == sh.index:
-                name = s.realm.name
-                ops += [(0, s.sid, name, sub.inner, sub.sub_id, sub.qos)
-                        for sub in s.subs.values() if sub.group is None]
+                ops += [_sub_op(s, sub) for sub in s.subs.values() if sub.group is None]
         frames = [_O, _encode(ops)]
         again = [q.entry for q in self._q1.values() if sh.index in q.waiting]
         if again:

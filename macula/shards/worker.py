@@ -342,7 +342,7 @@ def serve(endpoint: str, index: int, epoch: int, max_batch: int) -> int:
     sock.send_multipart([b"H", p.encode(epoch)])
     shard = Shard(max_batch)
     ops_dec: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder()
-    pubs_dec = msgspec.msgpack.Decoder(list[tuple[str, str, bytes, int, int]])
+    pubs_dec = msgspec.msgpack.Decoder(PUBS)
     encode = msgspec.msgpack.Encoder().encode
     busy = 0
     recv = sock.recv_multipart

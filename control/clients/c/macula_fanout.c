@@ -48,6 +48,19 @@ static int codes(void *sock, int *out) {
     return n;
 }
 
+/* one body from each socket the last zmq_poll found readable: its commands of this code */
+static int count_ready(zmq_pollitem_t *items, int count, int code) {
+    int got = 0;
+    for (int i = 0; i < count; i++) {
+        if (!(items[i].revents & ZMQ_POLLIN))
+            continue;
+        int c[8], n = codes(items[i].socket, c);
+        for (int k = 0; k < n; k++)
+            got += c[k] == code;
+    }
+    return got;
+}
+
 int main(int argc, char **argv) {
     if (argc != 5) {
         fprintf(stderr, "usage: macula_fanout ENDPOINT COUNT ROUNDS TOPIC\n");
@@ -102,13 +115,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "only %d of %d SUBACKs\n", acked, count);
             return 1;
         }
-        for (int i = 0; i < count; i++) {
-            if (!(items[i].revents & ZMQ_POLLIN))
-                continue;
-            int c[8], n = codes(socks[i], c);
-            for (int k = 0; k < n; k++)
-                acked += c[k] == 11;
-        }
+        acked += count_ready(items, count, 11);
     }
     printf("READY\n");
     fflush(stdout);
@@ -118,13 +125,7 @@ int main(int argc, char **argv) {
         while (got < count) {
             if (zmq_poll(items, count, 5000) <= 0)
                 break;
-            for (int i = 0; i < count; i++) {
-                if (!(items[i].revents & ZMQ_POLLIN))
-                    continue;
-                int c[8], n = codes(socks[i], c);
-                for (int k = 0; k < n; k++)
-                    got += c[k] == 16;
-            }
+            got += count_ready(items, count, 16);
             last = now_s();
         }
         printf("ROUND %d %.9f\n", got, last);
