@@ -69,7 +69,9 @@ async def _first_call(caller: Client, procedure: str, args: Any) -> Any:
     for _ in range(50):
         try:
             return await caller.call(procedure, args, timeout=3)
-        except RemoteError:
+        except RemoteError as exc:
+            if exc.code is not Err.NO_PROVIDER:
+                raise
             await asyncio.sleep(0.1)
     raise AssertionError(f"{procedure!r} was never reached")
 
@@ -472,3 +474,28 @@ def test_a_burst_of_new_topics_runs_a_bounded_number_of_lookups_at_once() -> Non
         assert stats["pending"] == 0 and stats["drops_total"] == {}
         await pub.close()
         await subc.close()
+
+
+def test_errors_of_a_remote_provider_reach_the_caller_with_their_code() -> None:
+    @_mesh(_cfg(), _cfg())
+    async def body(a: Node, b: Node) -> None:
+        caller, prov = await _connect(a, b)
+
+        def fail(_: Any) -> None:
+            raise ValueError("no such account")
+
+        async def slow(_: Any) -> str:
+            await asyncio.sleep(5)
+            return "too late"
+
+        await prov.register("fail", fail)
+        await prov.register("slow", slow)
+        with pytest.raises(RemoteError) as err:
+            await _first_call(caller, "fail", 1)
+        assert err.value.code is Err.APPLICATION_ERROR
+        assert err.value.message == "no such account"
+        with pytest.raises(RemoteError) as err:
+            await caller.call("slow", None, timeout=0.5)
+        assert err.value.code is Err.CALL_TIMEOUT
+        for cl in (caller, prov):
+            await cl.close()

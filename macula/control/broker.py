@@ -178,17 +178,15 @@ class MeshHook(Protocol):
 
 class RemoteCaller:
     """The caller of an invocation that came from another node (in place of a Session):
-    the broker's RESULT / ERROR command for it is handed to ``done``."""
+    its answer goes to ``done(result, None, "")`` (the result's msgpack bytes) or
+    ``done(None, code, message)``, not through an encoded command."""
 
     __slots__ = ("calls", "closed", "done")
 
-    def __init__(self, done: Callable[[bytes], None]) -> None:
+    def __init__(self, done: Callable[[bytes | None, Err | None, str], None]) -> None:
         self.calls: set[int] = set()
         self.closed = False
         self.done = done
-
-    def reply(self, command: bytes) -> None:
-        self.done(command)
 
 
 class Msg:
@@ -558,7 +556,10 @@ class Broker:
     # -- errors ---------------------------------------------------------------------------
     def _error(self, s: Session | RemoteCaller, ref: int, code: Err, message: str) -> None:
         self.errors[code.name] += 1
-        s.reply(_enc((int(Code.ERROR), ref, int(code), message)))
+        if isinstance(s, RemoteCaller):
+            s.done(None, code, message)
+        else:
+            s.reply(_enc((int(Code.ERROR), ref, int(code), message)))
 
     def _error_to(self, identity: bytes, s: Session | None, ref: int, code: Err, msg: str) -> None:
         if s is not None:
@@ -949,9 +950,10 @@ class Broker:
             self._to_close.append((provider, Err.SLOW_CONSUMER, "reliable queue overflow"))
 
     def invoke(self, realm_name: str, procedure: str, args: bytes, timeout: float,
-               done: Callable[[bytes], None]) -> bool:
+               done: Callable[[bytes | None, Err | None, str], None]) -> bool:
         """A call from another node for a local provider: False when there is none here.
-        ``done`` gets the encoded RESULT or ERROR command (its ``rid`` is 0)."""
+        ``done(result, None, "")`` or ``done(None, code, message)`` answers it (see
+        :class:`RemoteCaller`)."""
         realm = self.realms.get(realm_name)
         proc = realm.procedures.get(procedure) if realm is not None else None
         if proc is None:
@@ -989,7 +991,11 @@ class Broker:
         call = self._finish_call(s, cmd.inv_id)
         if call is not None:
             self.calls_ok += 1
-            call.caller.reply(_enc((int(Code.RESULT), call.rid, cmd.result)))
+            caller = call.caller
+            if isinstance(caller, RemoteCaller):
+                caller.done(bytes(cmd.result), None, "")
+            else:
+                caller.reply(_enc((int(Code.RESULT), call.rid, cmd.result)))
 
     def _on_yield_error(self, s: Session, cmd: p.YieldError) -> None:
         call = self._finish_call(s, cmd.inv_id)

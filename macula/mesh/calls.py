@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from macula.control.protocol import Code, Err
+from macula.control.protocol import Err
 from macula.dht.keys import dht_key
 from macula.mesh import rpc
 from macula.mesh.kinds import (
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 _enc = msgspec.msgpack.Encoder()
 _CALL_DEC = msgspec.msgpack.Decoder(tuple[str, str, msgspec.Raw, int])
-_CMD_DEC = msgspec.msgpack.Decoder(list[msgspec.Raw])
 
 
 class Calls:
@@ -271,17 +270,15 @@ class Calls:
         assert loop is not None
         fut: asyncio.Future[bytes] = loop.create_future()
 
-        def done(command: bytes) -> None:  # the broker's RESULT / ERROR for the caller
+        def done(result: bytes | None, err: Err | None, message: str) -> None:
             if fut.done():
                 return
-            parts = _CMD_DEC.decode(command)
-            if msgspec.msgpack.decode(parts[0]) == int(Code.RESULT):
-                fut.set_result(bytes(parts[2]) if len(parts) > 2 else b"\xc0")
-                return
-            err = Err(msgspec.msgpack.decode(parts[2]))
-            message = msgspec.msgpack.decode(parts[3]) if len(parts) > 3 else ""
-            fut.set_exception(RequestRejected(
-                STATUS_OF_ERR.get(err, STATUS_APPLICATION_ERROR), str(message)))
+            if result is not None:
+                fut.set_result(result)
+            else:
+                assert err is not None
+                fut.set_exception(RequestRejected(
+                    STATUS_OF_ERR.get(err, STATUS_APPLICATION_ERROR), message))
 
         broker = mesh.broker
         broker.now = loop.time()
