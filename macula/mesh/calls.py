@@ -37,6 +37,7 @@ from macula.wire import (
     LinkError,
     PeerLink,
     RemoteError,
+    RequestLost,
     RequestRejected,
     RequestTimeout,
 )
@@ -252,7 +253,7 @@ class Calls:
                           Err.CALL_TIMEOUT, "the call timed out") from None
         except (LinkClosed, DialError, LinkError, OSError) as exc:
             self.selector.failed(rec.node_id)
-            after = isinstance(exc, LinkClosed) and "delivered" in str(exc)
+            after = isinstance(exc, RequestLost)  # delivered, then the connection went
             if not after:
                 self.providers.forget_node(rec.node_id, loop.time())
             raise _Failed(after, False, Err.PROVIDER_GONE,

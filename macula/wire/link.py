@@ -79,6 +79,10 @@ class LinkClosed(LinkError):
     """The link (or its connection, for a request already delivered) is gone."""
 
 
+class RequestLost(LinkClosed):
+    """The connection was lost after the request was delivered: it may have run."""
+
+
 class RequestTimeout(LinkError, TimeoutError):
     """No response within the request's timeout."""
 
@@ -828,7 +832,7 @@ class PeerLink:
             timer.cancel()
             if not fut.done():
                 fut.set_exception(
-                    LinkClosed(f"connection lost after the request was delivered ({reason})")
+                    RequestLost(f"connection lost after the request was delivered ({reason})")
                 )
         self.endpoint.handler.on_link_down(self, code, reason)
         if self.closed:
