@@ -25,6 +25,7 @@ from macula.client import Client
 from macula.config import NodeConfig
 from macula.control.broker import Limits
 from macula.node import Node
+from tests.mesh_util import eventually
 
 N = 1500
 KILLS_AT = (300, 700, 1100)
@@ -56,14 +57,6 @@ def _kill(a: Node, b: Node, how: str) -> bool:
     return False
 
 
-async def _until(pred: Any, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("how", ["close", "silent"])
 def test_qos1_across_a_killed_link_no_loss_no_duplicate(how: str) -> None:
     async def main() -> None:
@@ -84,7 +77,7 @@ def test_qos1_across_a_killed_link_no_loss_no_duplicate(how: str) -> None:
                 await pub.publish("orders/probe", b"-1", qos=1)
                 await asyncio.sleep(0.1)
                 assert probe < 100, "B's subscription never became visible"
-            await _until(lambda: len(got) >= 1, 5)
+            await eventually(lambda: len(got) >= 1, 5, every=0.02)
             got.clear()
             await asyncio.sleep(0.5)  # late probes
             got.clear()
@@ -95,12 +88,12 @@ def test_qos1_across_a_killed_link_no_loss_no_duplicate(how: str) -> None:
                     pub.publish(f"orders/{i % 7}", str(i).encode(), qos=1)))
                 if i in KILLS_AT:
                     await asyncio.sleep(0.01)
-                    await _until(lambda: _kill(a, b, how), 10)  # once a connection is up
+                    await eventually(lambda: _kill(a, b, how), 10, every=0.02)  # once one is up
                     kills += 1
                 if i % 50 == 49:
                     await asyncio.sleep(0)
             await asyncio.gather(*pending)
-            await _until(lambda: len(set(got)) >= N, 30)
+            await eventually(lambda: len(set(got)) >= N, 30, every=0.02)
             await asyncio.sleep(1.0)  # room for late re-sends: they must not be delivered
             assert kills == len(KILLS_AT)
             assert sorted(got) == list(range(N)), (

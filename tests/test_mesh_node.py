@@ -18,6 +18,7 @@ from macula.control.protocol import Err
 from macula.mesh import service as ms
 from macula.node import Node
 from macula.wire import NodeIdentity, PeerLink, WireEndpoint, WireHandler
+from tests.mesh_util import eventually
 
 
 def _cfg(**kw: Any) -> NodeConfig:
@@ -27,12 +28,9 @@ def _cfg(**kw: Any) -> NodeConfig:
     return NodeConfig(**base)
 
 
-async def _until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        assert loop.time() < end, f"not reached in {timeout} s: {what}"
-        await asyncio.sleep(0.02)
+async def _until(pred: Callable[[], Any], timeout: float = 10.0,
+                 what: str = "condition") -> None:
+    await eventually(pred, timeout, every=0.02, what=what)
 
 
 async def _visible(pub: Client, topic: str, got: list[Any]) -> None:
