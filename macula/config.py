@@ -75,7 +75,8 @@ class NodeConfig:
     mesh_min_interval: float = 1.0  # at most one DHT lookup per anchor per interval
     mesh_record_ttl: float = 300.0  # TTL of this node's records in the DHT
     mesh_ack_timeout: float = 1.0  # QoS 1 between nodes: re-send after this long
-    mesh_max_attempts: int = 5  # QoS 1 between nodes: sends per message per node
+    mesh_qos1_ttl: float = 300.0  # QoS 1 between nodes: kept for an absent node this long
+    mesh_outbox_bytes: int = 64 << 20  # QoS 1 between nodes: bytes in flight per node
     mesh_max_pending: int = 100_000  # messages waiting for discovery (oldest dropped)
     limits: Limits = field(default_factory=Limits)
 

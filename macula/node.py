@@ -100,7 +100,8 @@ class Node:
             min_interval=config.mesh_min_interval,
             record_ttl=config.mesh_record_ttl,
             ack_timeout=config.mesh_ack_timeout,
-            max_attempts=config.mesh_max_attempts,
+            qos1_ttl=config.mesh_qos1_ttl,
+            max_outbox_bytes=config.mesh_outbox_bytes,
             max_pending=config.mesh_max_pending,
         )
         return Mesh(self.broker, identity, mc, flush=self._flush_control)

@@ -33,7 +33,7 @@ KILLS_AT = (300, 700, 1100)
 
 def _cfg(**kw: Any) -> NodeConfig:
     return NodeConfig(endpoints=["tcp://127.0.0.1:0"], metrics_port=-1, mesh_port=0, shards=0,
-                      tick_interval=0.02, mesh_ack_timeout=0.3, mesh_max_attempts=50,
+                      tick_interval=0.02, mesh_ack_timeout=0.3,
                       limits=Limits(ack_timeout=0.5, max_attempts=50), **kw)
 
 

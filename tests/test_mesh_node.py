@@ -130,8 +130,8 @@ def test_bad_input_from_a_peer_is_refused_with_a_reason_and_the_node_serves_on()
             link = await ep.connect_seed((host, int(port)))
             enc = msgspec.msgpack.encode
             link.send_nowait(ms.KIND_PUB, b"\xc1 not msgpack")
-            link.send_nowait(ms.KIND_PUB, enc(("default", [[0, "a/+/b", b"x", []]])))
-            link.send_nowait(ms.KIND_PUB, enc(("default", [[7, "", b"x", []]])))
+            link.send_nowait(ms.KIND_PUB, enc(("default", 1, 0, [[0, "a/+/b", b"x", []]])))
+            link.send_nowait(ms.KIND_PUB, enc(("default", 1, 0, [[7, "", b"x", []]])))
             link.send_nowait(ms.KIND_ACK, enc("not a list"))
             link.send_nowait(0x2F, b"")
             await _until(lambda: len([k for k, _ in peer.msgs if k == ms.KIND_ERROR]) >= 5,
@@ -145,7 +145,7 @@ def test_bad_input_from_a_peer_is_refused_with_a_reason_and_the_node_serves_on()
             assert "unknown message kind 0x2f" in errors[4][1]
             # the refused QoS 1 message is acknowledged (never re-sent) and not delivered
             acks = [msgspec.msgpack.decode(p) for k, p in peer.msgs if k == ms.KIND_ACK]
-            assert [7] in acks
+            assert [1, [7], []] in acks
             assert (await pub.stats())["mesh"]["bad_input_total"] == 5
             assert link.is_open  # the link stays up
         finally:

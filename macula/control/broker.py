@@ -61,7 +61,7 @@ import heapq
 import hmac
 import random
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -131,16 +131,18 @@ class PendingPub:
     """A QoS 1 PUBLISH waiting for the shards' matches before its PUBACK (``session``), or
     a QoS 1 message from another node waiting for them before its mesh ack (``done``)."""
 
-    __slots__ = ("done", "mid", "msg", "ok", "session", "targets")
+    __slots__ = ("done", "groups", "mid", "msg", "ok", "session", "targets")
 
     def __init__(self, session: Session | None, mid: int, msg: Msg, ok: bool, targets: int,
-                 done: Callable[[], None] | None = None) -> None:
+                 done: Callable[[bool], None] | None = None,
+                 groups: list[Group] | None = None) -> None:
         self.session = session
         self.mid = mid
         self.msg = msg
         self.ok = ok
         self.targets = targets
-        self.done = done
+        self.done = done  # a message from another node: taken (True) or refused (False)
+        self.groups = groups  # ... and the shared groups it names, served once it is taken
 
 
 class MeshHook(Protocol):
@@ -153,10 +155,11 @@ class MeshHook(Protocol):
     def unsubscribed(self, realm: str, filter: str) -> None: ...
 
     def publish(self, realm: str, topic: str, payload: bytes, tail: bytes, qos: int,
-                groups: list[Group]) -> tuple[int, list[Group]]:
+                groups: list[Group]) -> tuple[int, list[Group], bool]:
         """Forward a local client's message to the nodes that want it. ``groups`` are the
         local shared groups matching the topic; returns (how many nodes it went to, or 1
-        while discovery is pending; the groups to deliver to here)."""
+        while discovery is pending; the groups to deliver to here; False when a QoS 1
+        message could not be taken for some node, so its PUBACK must not say OK)."""
         ...
 
     def registered(self, realm: str, procedure: str, strategy: str, idempotent: bool,
@@ -365,6 +368,12 @@ class Session:
 
     def queued(self) -> int:
         return len(self.q0) + self.qs_n + len(self.q1) + len(self.pending1)
+
+    def room1(self) -> int:
+        """How many more QoS 1 deliveries ``offer`` would take now."""
+        lim = self.broker.limits
+        return (max(0, lim.max_inflight - len(self.inflight))
+                + max(0, lim.max_pending_qos1 - len(self.pending1)))
 
 
 class Broker:
@@ -616,7 +625,8 @@ class Broker:
                 ok = False
         remote = 0
         if mesh is not None:
-            remote, groups = mesh.publish(realm.name, topic, payload, tail, qos, groups)
+            remote, groups, taken = mesh.publish(realm.name, topic, payload, tail, qos, groups)
+            ok = ok and taken
             for g in groups:
                 if not self._offer_group(g, msg, qos):
                     ok = False
@@ -650,38 +660,69 @@ class Broker:
         s.reply(_enc((int(Code.PUBACK), mid, int(reason))))
 
     def inject(self, realm_name: str, topic: str, payload: bytes, qos: int,
-               groups: list[tuple[str, str]], done: Callable[[], None] | None = None) -> None:
+               groups: list[tuple[str, str]],
+               done: Callable[[bool], None] | None = None) -> None:
         """A message from another node: deliver it to the local plain subscriptions that
         match and to the named shared ``groups`` (the publishing node chose this node for
-        them). For QoS 1, ``done`` is called once it was handed to the subscribers (at once,
-        or when the shards answered). Never forwarded to other nodes."""
+        them). Never forwarded to other nodes.
+
+        For QoS 1 (with ``done``) the message is taken whole or not at all: when a matching
+        QoS 1 subscription, or every member of a named group, has no room for it, nothing
+        is delivered and ``done(False)`` says so (counted, ``mesh_refused_full``; the
+        sending node keeps it and sends it again later); else ``done(True)`` once it was
+        handed to the subscribers (at once, or when the shards answered)."""
         self.mesh_in += 1
         realm = self.realms.get(realm_name)
         if realm is None:
             if done is not None:
-                done()
+                done(True)  # nobody here can want it: nothing to wait for
             return
         tail = _enc((topic, payload, False))[1:]
         msg = Msg(topic, tail, qos)
         fan = self.fanout
-        if fan is None:
-            for t in realm.trie.match(topic):
-                if type(t) is Subscription and not t.sink.offer(
-                        t, msg, qos if qos <= t.qos else t.qos):
-                    self.drops["qos1_queue_full"] += 1
+        named: list[Group] = []
         for key in groups:
             g = realm.groups.get(key)
             if g is not None:
-                self._offer_group(g, msg, qos)
+                named.append(g)
             else:  # its members left since the publishing node picked this node
                 self.drops["no_group_member"] += 1
+        subs = None
+        if fan is None:
+            subs = [t for t in realm.trie.match(topic) if type(t) is Subscription]
+        if qos and done is not None and not self._has_room(subs or (), named):
+            self.drops["mesh_refused_full"] += 1
+            done(False)
+            return
+        if subs:
+            for t in subs:
+                if not t.sink.offer(t, msg, qos if qos <= t.qos else t.qos):
+                    self.drops["qos1_queue_full"] += 1
         if fan is not None:
             if qos and done is not None:
-                self._hold(fan, realm_name, PendingPub(None, 0, msg, True, 0, done))
+                self._hold(fan, realm_name, PendingPub(None, 0, msg, True, 0, done, named))
                 return
             fan.publish(realm_name, topic, tail, 0, 0)
+        for g in named:
+            self._offer_group(g, msg, qos)
         if done is not None:
-            done()
+            done(True)
+
+    @staticmethod
+    def _has_room(subs: Iterable[Subscription], groups: list[Group]) -> bool:
+        """Whether every QoS 1 subscription in ``subs`` (a session counted once per
+        subscription) and some member of each group can take one more QoS 1 message."""
+        need: dict[Session, int] = {}
+        for t in subs:
+            if t.qos:
+                need[t.sink] = need.get(t.sink, 0) + 1
+        for s, n in need.items():
+            if s.room1() < n:
+                return False
+        for g in groups:
+            if g.members and not any(m.qos == 0 or m.sink.room1() > 0 for m in g.members):
+                return False
+        return True
 
     def deliver(self, sid: int, n: int, body: Any) -> None:
         """A whole body of ``n`` QoS 0 EVENTs built by a shard for session ``sid``.
@@ -714,16 +755,26 @@ class Broker:
         ok = pp.ok
         msg = pp.msg
         by_sid = self.by_sid
+        subs: list[Subscription] = []
         for i in range(0, len(targets), 2):
             s = by_sid.get(targets[i])
             sub = s.subs_by_id.get(targets[i + 1]) if s is not None else None
             if s is None or sub is None or s.closed or sub.group is not None:
                 continue  # gone (or unsubscribed) since the shard matched
-            if not s.offer(sub, msg, 1):
+            subs.append(sub)
+        if pp.done is not None:  # from another node: all or nothing (see inject)
+            if not self._has_room(subs, pp.groups or []):
+                self.drops["mesh_refused_full"] += 1
+                pp.done(False)
+                return
+            for g in pp.groups or ():
+                self._offer_group(g, msg, 1)
+        for sub in subs:
+            if not sub.sink.offer(sub, msg, 1):
                 self.drops["qos1_queue_full"] += 1
                 ok = False
         if pp.done is not None:
-            pp.done()
+            pp.done(True)
         pub = pp.session
         if pub is not None and not pub.closed:
             self._puback(pub, pp.mid, ok, bool(matched + pp.targets))

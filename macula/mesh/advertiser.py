@@ -37,6 +37,8 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True):
     endpoint: tuple[str, int] | None
     filters: list[str]
     via: tuple[bytes, tuple[str, int]] | None = None  # client mode: reach it through this
+    incarnation: int = 0  # the advertising node's start (see Mesh.incarnation)
+    seq: int = 0  # this record's version within that start: (incarnation, seq) grows
 
 
 _ENC = msgspec.msgpack.Encoder()
@@ -44,7 +46,8 @@ _DEC = msgspec.msgpack.Decoder(_Wire)
 
 
 def encode_advert(adv: Advert) -> bytes:
-    return _ENC.encode(_Wire(adv.node_id, adv.endpoint, list(adv.filters), adv.via))
+    return _ENC.encode(_Wire(adv.node_id, adv.endpoint, list(adv.filters), adv.via,
+                             adv.incarnation, adv.seq))
 
 
 def decode_advert(data: bytes) -> Advert | None:
@@ -55,7 +58,9 @@ def decode_advert(data: bytes) -> Advert | None:
         return None
     if len(w.node_id) != 32 or (w.via is not None and len(w.via[0]) != 32):
         return None
-    return Advert(w.node_id, w.endpoint, tuple(w.filters), w.via)
+    if not (0 <= w.incarnation < 1 << 64 and 0 <= w.seq < 1 << 64):
+        return None
+    return Advert(w.node_id, w.endpoint, tuple(w.filters), w.via, w.incarnation, w.seq)
 
 
 def catch_all(anchor: str) -> str:
@@ -67,6 +72,7 @@ class _Record:
     filters: Counter[str] = field(default_factory=Counter)
     dirty: bool = True
     put_at: float = float("-inf")  # when it was last put
+    seq: int = 0  # the version it was last put with
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Put:
     anchor: str
     value: bytes  # the encoded Advert
     ttl: float
+    changed: bool = True  # a new version (push it to the watchers), not a republish
 
 
 class Advertiser:
@@ -88,8 +95,11 @@ class Advertiser:
         min_interval: float = 0.2,
         max_filters_per_record: int = 256,
         max_record_bytes: int = 8192,
+        incarnation: int = 0,
     ) -> None:
         self.node_id = node_id
+        self.incarnation = incarnation
+        self._seq = 0  # versions of this start's records (one counter for all of them)
         self.endpoint = endpoint
         self.via: tuple[bytes, tuple[str, int]] | None = None  # see set_via
         self.record_ttl = record_ttl
@@ -129,12 +139,15 @@ class Advertiser:
         return sorted(rec.filters) if rec is not None else []
 
     def advert(self, realm: str, anchor: str) -> Advert:
+        rec = self._records.get((realm, anchor))
+        seq = rec.seq if rec is not None else 0
         filters = self.filters(realm, anchor)
         if len(filters) > self.max_filters:
             filters = [catch_all(anchor)]
-        adv = Advert(self.node_id, self.endpoint, tuple(filters), self.via)
+        inc = self.incarnation
+        adv = Advert(self.node_id, self.endpoint, tuple(filters), self.via, inc, seq)
         if len(filters) > 1 and len(encode_advert(adv)) > self.max_record_bytes:
-            adv = Advert(self.node_id, self.endpoint, (catch_all(anchor),), self.via)
+            adv = Advert(self.node_id, self.endpoint, (catch_all(anchor),), self.via, inc, seq)
         return adv
 
     def set_via(self, via: tuple[bytes, tuple[str, int]] | None) -> None:
@@ -152,11 +165,14 @@ class Advertiser:
             due = not rec.dirty and rec.filters and now - rec.put_at >= self.republish_every
             if not (changed or due):
                 continue
+            if changed:  # a new version: it replaces every older one wherever it is seen
+                self._seq += 1
+                rec.seq = self._seq
             adv = self.advert(realm, anchor)
             if len(rec.filters) > 1 and len(adv.filters) == 1 and rec.filters.keys() != set(
                     adv.filters):
                 self.counters["overflowing_records"] += 1
-            out.append(Put(realm, anchor, encode_advert(adv), self.record_ttl))
+            out.append(Put(realm, anchor, encode_advert(adv), self.record_ttl, changed))
             rec.put_at, rec.dirty = now, False
             if not rec.filters:  # the empty record went out once: now left to expire
                 del self._records[(realm, anchor)]

@@ -70,6 +70,22 @@ class Advert:
     filters: tuple[str, ...]
     # a client-mode node: the node it keeps a link to, and where that one listens
     via: tuple[bytes, tuple[str, int]] | None = None
+    incarnation: int = 0  # the node's start that made this record ...
+    seq: int = 0  # ... and its version within that start: the larger pair wins
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (self.incarnation, self.seq)
+
+
+@dataclass
+class _NodeAd:
+    """What an anchor's answer says of one node."""
+
+    endpoint: tuple[str, int] | None
+    filters: frozenset[str]  # its valid filters under the anchor
+    version: tuple[int, int]
+    learned_at: float = field(default=0.0, compare=False)  # when this version arrived
 
 
 @dataclass
@@ -77,9 +93,8 @@ class _Anchor:
     trie: TopicTrie = field(default_factory=TopicTrie)  # plain filters -> node ids
     # shared filters ``$share/<group>/<filter>`` -> (group, filter, node id)
     shared: TopicTrie = field(default_factory=TopicTrie)
-    # what the answer said, node by node: its endpoint and its (valid) filters here
-    answer: dict[bytes, tuple[tuple[str, int] | None, frozenset[str]]] = field(
-        default_factory=dict)
+    # what the answer said, node by node: its endpoint, (valid) filters here, version
+    answer: dict[bytes, _NodeAd] = field(default_factory=dict)
     known_at: float | None = None  # when the current answer arrived (None: never)
     looked_at: float = float("-inf")  # when the last lookup started
     in_flight: bool = False
@@ -146,6 +161,7 @@ class Discovery(Generic[T]):
             "anchors_evicted": 0,
             "pruned": 0,
             "nodes_forgotten": 0,
+            "pushed": 0,
         }
 
     # -- publishing ---------------------------------------------------------------------
@@ -195,9 +211,13 @@ class Discovery(Generic[T]):
         """The endpoint a node advertised (any anchor); None if unknown or client mode."""
         for anchor in self._anchors.values():
             entry = anchor.answer.get(node_id)
-            if entry is not None and entry[0] is not None:
-                return entry[0]
+            if entry is not None and entry.endpoint is not None:
+                return entry.endpoint
         return None
+
+    def in_use(self, anchor: str, now: float) -> bool:
+        """Whether ``anchor``'s answer is still cached (a route used it lately)."""
+        return self._known(anchor, now)
 
     def take_lookups(self) -> list[str]:
         """Anchors the caller must look up now (each is marked in flight)."""
@@ -210,37 +230,98 @@ class Discovery(Generic[T]):
         self, anchor: str, adverts: Iterable[Advert], now: float
     ) -> list[tuple[str, set[bytes], list[T]]]:
         """Record an anchor's answer; returns the released queues as
-        ``(topic, targets, items)`` for topics that now have all their anchors."""
+        ``(topic, targets, items)`` for topics that now have all their anchors.
+
+        Versions decide per node: a record older than the one already known for that node
+        (a DHT copy that missed an update, or an update pushed by ``apply_advert`` since)
+        does not replace it; a node missing from the answer is dropped unless its record
+        was pushed after this lookup started."""
         a = self._anchor(anchor)
         a.in_flight = False
-        trie = TopicTrie()
-        shared_trie = TopicTrie()
-        answer: dict[bytes, tuple[tuple[str, int] | None, frozenset[str]]] = {}
+        fresh: dict[bytes, _NodeAd] = {}
         for adv in adverts:
             if adv.node_id == self.self_id:
                 continue
-            kept: set[str] = set()
-            for f in adv.filters:
-                try:
-                    if filter_anchor(f) != anchor:
-                        continue  # a record that does not belong here: ignored
-                    shared = parse_shared(f)
-                    if shared:
-                        shared_trie.add(shared[1], (shared[0], shared[1], adv.node_id))
-                    else:
-                        trie.add(f, adv.node_id)
-                    kept.add(f)
-                except (ValueError, TypeError):
-                    continue  # garbage from a peer does not poison the cache
-            answer[adv.node_id] = (adv.endpoint, frozenset(kept))
+            ad = self._node_ad(anchor, adv, now)
+            old = fresh.get(adv.node_id)
+            if old is None or ad.version > old.version:
+                fresh[adv.node_id] = ad
+        answer: dict[bytes, _NodeAd] = {}
+        for node, ad in a.answer.items():
+            new = fresh.get(node)
+            if new is None:
+                if ad.learned_at > a.looked_at:
+                    answer[node] = ad  # pushed after the lookup started: newer than it
+            elif ad.version > new.version:
+                answer[node] = ad
+        for node, ad in fresh.items():
+            if node not in answer:
+                answer[node] = ad
+        answer = {n: ad for n, ad in answer.items() if ad.filters}
         # routes depend on which node has which filter: compare that, not the filter set
-        # alone (two nodes swapping filters leaves it the same)
-        changed = a.known_at is None or answer != a.answer
-        a.trie, a.shared, a.answer, a.known_at = trie, shared_trie, answer, now
-        if changed:
+        # alone (two nodes swapping filters leaves it the same); a new version of the same
+        # content changes nothing here
+        changed = a.known_at is None or {n: x.filters for n, x in answer.items()} != {
+            n: x.filters for n, x in a.answer.items()}
+        a.known_at = now
+        self._set_answer(a, answer, changed or any(
+            answer[n].version != ad.version for n, ad in a.answer.items() if n in answer))
+        return self._release(anchor, now)
+
+    def apply_advert(self, anchor: str, adv: Advert, now: float) -> bool:
+        """A node pushed its record under ``anchor`` (NOTIFY): take it if the anchor is in
+        use here and the record is newer than what is known of that node. Returns whether
+        the routes changed."""
+        a = self._anchors.get(anchor)
+        if a is None or a.known_at is None or adv.node_id == self.self_id:
+            return False
+        old = a.answer.get(adv.node_id)
+        if old is not None and old.version >= adv.version:
+            return False
+        self.counters["pushed"] += 1
+        ad = self._node_ad(anchor, adv, now)
+        answer = dict(a.answer)
+        if ad.filters:
+            answer[adv.node_id] = ad
+        else:
+            answer.pop(adv.node_id, None)
+        changed = old is None or old.filters != ad.filters
+        self._set_answer(a, answer, True)
+        return changed
+
+    def version_of(self, anchor: str, node_id: bytes) -> tuple[int, int] | None:
+        a = self._anchors.get(anchor)
+        ad = a.answer.get(node_id) if a is not None else None
+        return ad.version if ad is not None else None
+
+    @staticmethod
+    def _node_ad(anchor: str, adv: Advert, now: float) -> _NodeAd:
+        kept: set[str] = set()
+        for f in adv.filters:
+            try:
+                if filter_anchor(f) != anchor:
+                    continue  # a record that does not belong here: ignored
+                kept.add(f)
+            except (ValueError, TypeError):
+                continue  # garbage from a peer does not poison the cache
+        return _NodeAd(adv.endpoint, frozenset(kept), adv.version, now)
+
+    def _set_answer(self, a: _Anchor, answer: dict[bytes, _NodeAd], bump: bool) -> None:
+        """Install ``answer`` (rebuilding the anchor's tries); ``bump``: routes through
+        this anchor are recomputed (a prune made under an older version is undone)."""
+        trie = TopicTrie()
+        shared_trie = TopicTrie()
+        for nid, ad in answer.items():
+            for f in ad.filters:
+                sh = parse_shared(f)
+                if sh:
+                    shared_trie.add(sh[1], (sh[0], sh[1], nid))
+                else:
+                    trie.add(f, nid)
+        a.trie, a.shared, a.answer = trie, shared_trie, answer
+        if bump:
             a.generation += 1
             self._epoch += 1
-        return self._release(anchor, now)
 
     def lookup_failed(self, anchor: str, now: float) -> list[tuple[str, set[bytes], list[T]]]:
         """A lookup failed: an anchor never known counts as empty (so queued messages are
@@ -274,27 +355,17 @@ class Discovery(Generic[T]):
             self.counters["pruned"] += 1
 
     def forget_node(self, node_id: bytes) -> bool:
-        """``node_id`` is gone (its link failed for good, or it shut down): drop it from
-        every anchor's answer, so that no route sends to it until an answer names it
-        again. Returns whether any anchor knew it."""
+        """``node_id`` is gone (it shut down): drop it from every anchor's answer, so that
+        no route sends to it until an answer names it again. Returns whether any anchor
+        knew it."""
         found = False
         for a in self._anchors.values():
             if node_id not in a.answer:
                 continue
             found = True
-            del a.answer[node_id]
-            trie = TopicTrie()
-            shared_trie = TopicTrie()
-            for nid, (_, filters) in a.answer.items():
-                for f in filters:
-                    sh = parse_shared(f)
-                    if sh:
-                        shared_trie.add(sh[1], (sh[0], sh[1], nid))
-                    else:
-                        trie.add(f, nid)
-            a.trie, a.shared = trie, shared_trie
-            a.generation += 1
-            self._epoch += 1
+            answer = dict(a.answer)
+            del answer[node_id]
+            self._set_answer(a, answer, True)
         if found:
             self.counters["nodes_forgotten"] += 1
         return found

@@ -59,7 +59,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -73,7 +75,7 @@ from macula.dht import messages as dm
 from macula.dht.core import DhtConfig
 from macula.dht.driver import Dht
 from macula.dht.keys import dht_key
-from macula.mesh.advertiser import Advertiser, decode_advert
+from macula.mesh.advertiser import Advertiser, Put, decode_advert
 from macula.mesh.calls import Calls
 from macula.mesh.discovery import Advert, Discovery
 from macula.mesh.kinds import (
@@ -81,13 +83,14 @@ from macula.mesh.kinds import (
     KIND_CALL,
     KIND_ERROR,
     KIND_NOMATCH,
+    KIND_NOTIFY,
     KIND_PUB,
     KIND_RELAY,
     KIND_RELAY_REQ,
     STATUS_BAD_CALL,
     STATUS_UNREACHABLE,
 )
-from macula.mesh.qos import Inbox, Outbox
+from macula.mesh.qos import Inbox, OriginState, Outbox
 from macula.wire import (
     LinkError,
     NodeIdentity,
@@ -109,8 +112,12 @@ _NO_GROUPS = b"\x90"
 
 _enc = msgspec.msgpack.Encoder()
 _PubEntry = tuple[int, str, bytes, list[tuple[str, str]]]
-_PUB_DEC = msgspec.msgpack.Decoder(tuple[str, list[_PubEntry]])
-_ACK_DEC = msgspec.msgpack.Decoder(list[int])
+# [realm, incarnation, low mark, entries]
+_PUB_DEC = msgspec.msgpack.Decoder(tuple[str, int, int, list[_PubEntry]])
+# [incarnation of the PUBs' sender, acknowledged ids, refused ids]
+_ACK_DEC = msgspec.msgpack.Decoder(tuple[int, list[int], list[int]])
+_NOTIFY_DEC = msgspec.msgpack.Decoder(tuple[str, str, bytes])
+log = logging.getLogger("macula.mesh")
 _NOMATCH_DEC = msgspec.msgpack.Decoder(tuple[str, list[str]])
 
 
@@ -138,18 +145,23 @@ class MeshConfig:
     network_secret: bytes | None = None
     cache_ttl: float = 60.0  # how long a discovery answer is used (s)
     min_interval: float = 1.0  # at most one lookup per anchor per this (s)
-    refresh_after: float | None = None  # refresh a used answer this old (default min_interval)
+    # refresh an answer in use this old (default cache_ttl / 2: changes are pushed, NOTIFY)
+    refresh_after: float | None = None
     record_ttl: float = 300.0  # TTL of this node's subscription records in the DHT (s)
     advert_interval: float = 0.2  # debounce of re-advertising a changed anchor (s)
     ack_timeout: float = 1.0  # QoS 1 re-send after this long without ACK (s)
-    max_attempts: int = 5  # QoS 1 sends per message per node
+    qos1_ttl: float = 300.0  # a QoS 1 message not acknowledged this long is lost (counted)
     max_inflight: int = 100_000  # unacknowledged QoS 1 messages per node (refused beyond)
+    max_outbox_bytes: int = 64 << 20  # their bytes per node (refused beyond)
+    probe_interval: float = 0.5  # dial a node that holds QoS 1 messages this often (s)
     max_pending: int = 100_000  # messages waiting for discovery, all topics (oldest dropped)
     max_pending_per_topic: int = 1_000
     max_routes: int = 100_000  # topics in the direct routing table (LRU)
     max_anchors: int = 100_000  # anchors in the subscriber cache (LRU)
-    dedup_ttl: float = 60.0  # how long received QoS 1 ids are remembered (s)
-    max_dedup: int = 1_000_000
+    max_dedup_per_origin: int = 1_000_000  # received QoS 1 ids remembered per origin
+    watch_ttl: float = 120.0  # TTL of this node's watch records (anchors it publishes under)
+    max_notify: int = 256  # watchers a changed record is pushed to
+    log_interval: float = 10.0  # at most one log line per node and event kind per this (s)
     provider_ttl: float = 30.0  # cached provider lists (s)
     max_call_attempts: int = 3  # providers tried per call
     result_cache_size: int = 10_000
@@ -161,7 +173,8 @@ class MeshConfig:
     max_backlog: int = 32 << 20  # bytes waiting per node; beyond, the oldest frames drop
     tick: float = 0.05  # upkeep timer (s)
     wire: WireConfig = field(default_factory=lambda: WireConfig(dial_timeout=2.0,
-                                                                redial_attempts=2))
+                                                                redial_attempts=2,
+                                                                backoff_max=1.0))
     dht: DhtConfig = field(default_factory=lambda: DhtConfig(max_value_size=16_384,
                                                              query_timeout=1.0))
 
@@ -175,6 +188,9 @@ class Mesh(WireHandler):
         self.broker = broker
         self.config = cfg = config or MeshConfig()
         self.node_id = identity.node_id
+        # this start of the node: message ids and adverts are per incarnation, and a later
+        # start has a larger one (so the newest advert of a node wins)
+        self.incarnation = time.time_ns()
         self._flush_control = flush or (lambda: None)
         self.rng = rng or random.Random()
         self.endpoint = WireEndpoint(
@@ -184,7 +200,8 @@ class Mesh(WireHandler):
         self.dht = Dht(endpoint=self.endpoint, config=cfg.dht)
         self.advertiser = Advertiser(node_id=self.node_id, endpoint=None,
                                      record_ttl=cfg.record_ttl,
-                                     min_interval=cfg.advert_interval)
+                                     min_interval=cfg.advert_interval,
+                                     incarnation=self.incarnation)
         self._disc: dict[str, Discovery[tuple[bytes, int, frozenset[tuple[str, str]]]]] = {}
         # this node's plain filters per realm (the advertiser counts their subscribers):
         # a received topic none of them matches is answered with NOMATCH
@@ -195,12 +212,21 @@ class Mesh(WireHandler):
         # nodes heard from through a relay: that relay (replies go back the same way)
         self._back: OrderedDict[bytes, bytes] = OrderedDict()
         self.via: tuple[bytes, tuple[str, int]] | None = None  # ours, in client mode
-        self._dead: TTLCache[bytes, bool] = TTLCache(100_000, cfg.dead_node_ttl)
+        # nodes found unreachable (or shut down): node -> the incarnation it had (0: unknown)
+        self._dead: TTLCache[bytes, int] = TTLCache(100_000, cfg.dead_node_ttl)
+        self._incs: OrderedDict[bytes, int] = OrderedDict()  # node -> newest incarnation seen
+        # nodes that shut down: node -> its incarnation (its older records are ignored)
+        self._shut: TTLCache[bytes, int] = TTLCache(100_000, cfg.dead_node_ttl)
         self._outboxes: dict[bytes, Outbox[tuple[str, bytes, bytes]]] = {}
-        self.inbox = Inbox(dedup_ttl=cfg.dedup_ttl, max_entries=cfg.max_dedup)
+        self._probed: dict[bytes, float] = {}  # unreachable node -> when it was last dialled
+        self.inbox = Inbox(max_per_origin=cfg.max_dedup_per_origin)
         # node -> realm -> entries for the next PUB frame
         self._out: dict[bytes, dict[str, list[bytes]]] = {}
-        self._acks: dict[bytes, list[int]] = {}
+        # (origin, its incarnation) -> (acknowledged ids, refused ids)
+        self._acks: dict[tuple[bytes, int], tuple[list[int], list[int]]] = {}
+        # anchors this node publishes under, per realm: when its watch record was put
+        self._watching: dict[tuple[str, str], float] = {}
+        self._logged: TTLCache[tuple[bytes, str], bool] = TTLCache(10_000, cfg.log_interval)
         self._flush_handle: asyncio.Handle | None = None
         # PUB frames waiting for room on a link, per node (bounded: max_backlog bytes)
         self._backlog: dict[bytes, deque[tuple[bytes, int]]] = {}
@@ -231,7 +257,9 @@ class Mesh(WireHandler):
                   "calls_served_total", "calls_failed_over_total", "nodes_gone_total",
                   "bad_input_total", "errors_received_total", "bad_records_total",
                   "relayed_total", "relay_refused_total", "congested_total",
-                  "dht_put_failures_total"):
+                  "dht_put_failures_total", "peers_lost_total", "peers_back_total",
+                  "notify_sent_total", "notify_received_total", "qos1_refused_by_peer_total",
+                  "peers_restarted_total"):
             self.counters[k] = 0
         self.drops: Counter[str] = Counter()
 
@@ -332,7 +360,7 @@ class Mesh(WireHandler):
             cfg = self.config
             d = self._disc[realm] = Discovery(
                 self_id=self.node_id, cache_ttl=cfg.cache_ttl,
-                refresh_after=cfg.min_interval if cfg.refresh_after is None
+                refresh_after=cfg.cache_ttl / 2 if cfg.refresh_after is None
                 else cfg.refresh_after,
                 min_interval=cfg.min_interval, max_anchors=cfg.max_anchors,
                 max_routes=cfg.max_routes, max_pending_per_topic=cfg.max_pending_per_topic,
@@ -340,9 +368,9 @@ class Mesh(WireHandler):
         return d
 
     def publish(self, realm: str, topic: str, payload: bytes, tail: bytes, qos: int,
-                groups: list[Group]) -> tuple[int, list[Group]]:
+                groups: list[Group]) -> tuple[int, list[Group], bool]:
         if not self._running or not self._peers():
-            return 0, groups  # alone: nobody elsewhere to send to
+            return 0, groups, True  # alone: nobody elsewhere to send to
         d = self._disc.get(realm) or self._discovery(realm)
         now = self.broker.now
         local_keys = frozenset((g.name, g.filter) for g in groups) if groups else frozenset()
@@ -350,18 +378,16 @@ class Mesh(WireHandler):
         if d._to_lookup:
             self._start_lookups(realm, d)
         if r is None:  # queued until discovery answers; local group members take it
-            return 1, groups
+            return 1, groups, True
         rgroups = r.groups
         if not rgroups and not groups:
             targets = r.targets
-            if targets:
-                self._forward(realm, targets, tail, qos, None)
-            return len(targets), groups
+            ok = self._forward(realm, targets, tail, qos, None) if targets else True
+            return len(targets), groups, ok
         chosen_local, per_node = self._pick_groups(realm, rgroups, groups)
         targets = r.targets | per_node.keys() if per_node else r.targets
-        if targets:
-            self._forward(realm, targets, tail, qos, per_node)
-        return len(targets), chosen_local
+        ok = self._forward(realm, targets, tail, qos, per_node) if targets else True
+        return len(targets), chosen_local, ok
 
     def _peers(self) -> bool:
         """Whether any other node is known (a contact in the DHT, or a link)."""
@@ -397,12 +423,30 @@ class Mesh(WireHandler):
         return chosen, per_node
 
     def _forward(self, realm: str, targets: set[bytes] | Any, tail: bytes, qos: int,
-                 per_node: dict[bytes, list[tuple[str, str]]] | None) -> None:
+                 per_node: dict[bytes, list[tuple[str, str]]] | None) -> bool:
+        """Queue one message for ``targets``; False when a QoS 1 one was refused by a full
+        outbox (the publishing client's PUBACK must not say OK then)."""
+        ok = True
         body = tail[:-1]  # topic + payload (the retain flag is not forwarded)
         shared = b"\x94\x00" + body + _NO_GROUPS if not qos else b""
         out = self._out
         now = self.broker.now
+        dead = self._dead if len(self._dead) else None
+        skipped = 0
         for node in targets:
+            if dead is not None and node in dead:
+                skipped += 1
+                # declared gone: QoS 0 is not sent into the void (counted); QoS 1 waits in
+                # its outbox until it comes back (or the outbox's bounds count it lost)
+                if not qos:
+                    self.drops["node_unreachable"] += 1
+                    continue
+                gl = per_node.get(node) if per_node is not None else None
+                if self._outbox(node).send((realm, body, _enc.encode(gl) if gl else _NO_GROUPS),
+                                           len(body) + 48, now) is None:
+                    self.drops["qos1_outbox_full"] += 1
+                    ok = False
+                continue
             groups_enc = _NO_GROUPS
             if per_node is not None:
                 gl = per_node.get(node)
@@ -410,9 +454,11 @@ class Mesh(WireHandler):
                     groups_enc = _enc.encode(gl)
             if qos:
                 ob = self._outbox(node)
-                mid = ob.send((realm, body, groups_enc), now)
+                mid = ob.send((realm, body, groups_enc), len(body) + 48, now)
                 if mid is None:
                     self.drops["qos1_outbox_full"] += 1
+                    ok = False
+                    skipped += 1
                     continue
                 entry = _qos1_entry(mid, body, groups_enc)
             elif groups_enc is _NO_GROUPS:
@@ -427,17 +473,18 @@ class Mesh(WireHandler):
                 by_realm[realm] = [entry]
             else:
                 lst.append(entry)
-        self.counters["messages_forwarded_total"] += len(targets)
+        self.counters["messages_forwarded_total"] += len(targets) - skipped
         if self._flush_handle is None:
             self._schedule_flush()
+        return ok
 
     def _outbox(self, node: bytes) -> Outbox[tuple[str, bytes, bytes]]:
         ob = self._outboxes.get(node)
         if ob is None:
             cfg = self.config
-            ob = self._outboxes[node] = Outbox(ack_timeout=cfg.ack_timeout,
-                                               max_attempts=cfg.max_attempts,
-                                               max_inflight=cfg.max_inflight)
+            ob = self._outboxes[node] = Outbox(ack_timeout=cfg.ack_timeout, ttl=cfg.qos1_ttl,
+                                               max_inflight=cfg.max_inflight,
+                                               max_bytes=cfg.max_outbox_bytes)
         return ob
 
     def _direct(self, node: bytes, addr: tuple[str, int] | None = None) -> PeerLink | None:
@@ -577,16 +624,20 @@ class Mesh(WireHandler):
         if out and self._loop is not None:
             # publish-to-send: how long the oldest entry of this flush waited in the node
             self.send_delays.append(self._loop.time() - self._queued_at)
+        inc = p.pack_uint(self.incarnation)
         for node, by_realm in out.items():
+            ob = self._outboxes.get(node)
+            # the low mark: the receiver forgets the ids below it (see qos.py)
+            low = p.pack_uint(ob.low() if ob is not None else 0)
             for realm, entries in by_realm.items():
-                head = b"\x92" + _enc.encode(realm)
+                head = b"\x94" + _enc.encode(realm) + inc + low
                 for i in range(0, len(entries), _MAX_ENTRIES_PER_FRAME):
                     chunk = entries[i:i + _MAX_ENTRIES_PER_FRAME]
                     frame = head + p.array_header(len(chunk)) + b"".join(chunk)
                     self._send_pub(node, frame, len(chunk))
         acks, self._acks = self._acks, {}
-        for node, mids in acks.items():
-            if self._send_to(node, KIND_ACK, _enc.encode(mids)):
+        for (node, node_inc), (mids, refused) in acks.items():
+            if self._send_to(node, KIND_ACK, _enc.encode((node_inc, mids, refused))):
                 self.counters["acks_sent_total"] += len(mids)
 
     def _schedule_flush(self) -> None:
@@ -619,6 +670,8 @@ class Mesh(WireHandler):
 
     async def _lookup_one(self, realm: str, d: Discovery[Any], anchor: str) -> None:
         t0 = self._now()
+        if (realm, anchor) not in self._watching:
+            await self._watch(realm, anchor)  # before reading: see _advertise
         try:
             values = await self.dht.get(dht_key(realm, "sub", anchor))
         except (LinkError, OSError, asyncio.TimeoutError, RuntimeError):
@@ -633,8 +686,12 @@ class Mesh(WireHandler):
                 if adv is None:
                     self.counters["bad_records_total"] += 1
                     continue
-                if adv.node_id == self.node_id or self._dead.get(adv.node_id) is not None:
+                if adv.node_id == self.node_id:
                     continue
+                gone = self._shut.get(adv.node_id)
+                if gone is not None and adv.incarnation <= gone:
+                    continue  # it shut down since: this record is from before
+                self._saw_incarnation(adv.node_id, adv.incarnation)
                 self._learn(adv.node_id, adv.endpoint, adv.via)
                 adverts.append(adv)
             now = self._now()
@@ -681,24 +738,47 @@ class Mesh(WireHandler):
         if self.config.client_mode:
             self._keep_via()
         for put in self.advertiser.take_puts(now):
-            self._spawn(self._put(dht_key(put.realm, "sub", put.anchor), put.value, put.ttl))
+            self._spawn(self._advertise(put))
         for realm, d in self._disc.items():
             d.tick(now)
             self._start_lookups(realm, d)
-        for node, ob in list(self._outboxes.items()):
-            if not len(ob):
-                continue
-            resend, expired = ob.due(now)
-            if expired:
-                self.drops["qos1_expired"] += len(expired)
-            for mid, (realm, body, groups_enc) in resend:
-                entry = _qos1_entry(mid, body, groups_enc)
-                self._out.setdefault(node, {}).setdefault(realm, []).append(entry)
-            if resend:
-                self._schedule_flush()
+        self._outbox_upkeep(now)
+        self._watch_upkeep(now)
         self._timer = self._loop.call_later(self.config.tick, self._on_tick)
 
-    async def _put(self, key: bytes, value: bytes, ttl: float) -> None:
+    def _outbox_upkeep(self, now: float) -> None:
+        """Re-send what is due to reachable nodes; for the others only count what expired,
+        and dial them now and then (``probe_interval``) so that their return is noticed."""
+        pool = self.endpoint.pool
+        for node, ob in list(self._outboxes.items()):
+            if not len(ob):
+                if node in self._dead:
+                    del self._outboxes[node]
+                continue
+            link = pool.peek(node)
+            if link is not None and link.is_open:
+                resend, expired = ob.due(now)
+                self._queue_resend(node, resend)
+            else:
+                expired = ob.hold(now)
+                if now - self._probed.get(node, float("-inf")) >= self.config.probe_interval:
+                    self._probed[node] = now
+                    self._direct(node)  # dials (with the pool's back-off) if it can
+            if expired:
+                self.drops["qos1_expired"] += len(expired)
+                self._log(node, "expired", "%s: QoS 1 messages for peer %s expired "
+                          "unacknowledged", len(expired))
+
+    def _queue_resend(self, node: bytes, resend: list[tuple[int, tuple[str, bytes, bytes]]]
+                      ) -> None:
+        if not resend:
+            return
+        by_realm = self._out.setdefault(node, {})
+        for mid, (realm, body, groups_enc) in resend:
+            by_realm.setdefault(realm, []).append(_qos1_entry(mid, body, groups_enc))
+        self._schedule_flush()
+
+    async def _put(self, key: bytes, value: bytes, ttl: float) -> bool:
         self.counters["dht_puts_total"] += 1
         try:
             await self.dht.put(key, value, ttl)
@@ -706,6 +786,79 @@ class Mesh(WireHandler):
             self.drops["record_too_large"] += 1
         except (LinkError, OSError, asyncio.TimeoutError, RuntimeError):
             self.counters["dht_put_failures_total"] += 1
+        else:
+            return True
+        return False
+
+    # -- pushing changes to the nodes that publish under an anchor ------------------------
+    #
+    # A publishing node puts a *watch record* under dht_key(realm, "watch", anchor) for
+    # every anchor it uses BEFORE its first lookup of it; a subscribing node pushes every
+    # new version of its record to the watchers it finds AFTER its put completed (NOTIFY).
+    # Each side writes, then reads: whichever came second sees the other, so a change is
+    # never missed by a node that already watches (docs/MESH.md, "Discovery").
+
+    async def _advertise(self, put: Put) -> None:
+        if not await self._put(dht_key(put.realm, "sub", put.anchor), put.value, put.ttl):
+            return
+        if not put.changed:
+            return
+        try:
+            values = await self.dht.get(dht_key(put.realm, "watch", put.anchor))
+        except (LinkError, OSError, asyncio.TimeoutError, RuntimeError):
+            self.counters["dht_lookup_failures_total"] += 1
+            return
+        payload = _enc.encode((put.realm, put.anchor, put.value))
+        sent = 0
+        for v in values:
+            w = _decode_watch(v)
+            if w is None:
+                self.counters["bad_records_total"] += 1
+                continue
+            node, endpoint, via = w
+            if node == self.node_id:
+                continue
+            if sent >= self.config.max_notify:
+                self.drops["notify_limit"] += 1
+                continue
+            self._learn(node, endpoint, via)
+            if self._send_to(node, KIND_NOTIFY, payload):
+                sent += 1
+            else:
+                self.drops["notify_unreachable"] += 1
+        self.counters["notify_sent_total"] += sent
+
+    async def _watch(self, realm: str, anchor: str) -> None:
+        """Put (or renew) this node's watch record for ``anchor``."""
+        self._watching[(realm, anchor)] = self._now()
+        value = _enc.encode((self.node_id, self.endpoint.listen_address, self.via))
+        await self._put(dht_key(realm, "watch", anchor), value, self.config.watch_ttl)
+
+    def _watch_upkeep(self, now: float) -> None:
+        """Renew the watch records of anchors still in use (every ``watch_ttl / 2``); an
+        anchor no longer in use is left to expire."""
+        renew = self.config.watch_ttl / 2
+        for (realm, anchor), at in list(self._watching.items()):
+            if now - at < renew:
+                continue
+            d = self._disc.get(realm)
+            if d is None or not d.in_use(anchor, now):
+                del self._watching[(realm, anchor)]
+                continue
+            self._spawn(self._watch(realm, anchor))
+
+    def _on_notify(self, origin: bytes, payload: bytes, link: PeerLink) -> None:
+        realm, anchor, value = _NOTIFY_DEC.decode(payload)
+        adv = decode_advert(value)
+        if adv is None or adv.node_id != origin:
+            self._refuse(link, KIND_NOTIFY, "a NOTIFY must hold its sender's own record")
+            return
+        self.counters["notify_received_total"] += 1
+        self._learn(adv.node_id, adv.endpoint, adv.via)
+        self._saw_incarnation(origin, adv.incarnation)
+        d = self._disc.get(realm)
+        if d is not None:
+            d.apply_advert(anchor, adv, self._now())
 
     # -- the wire -------------------------------------------------------------------------
 
@@ -765,16 +918,23 @@ class Mesh(WireHandler):
         if kind == KIND_PUB:
             self._on_pub(origin, payload, back)
         elif kind == KIND_ACK:
-            mids = _ACK_DEC.decode(payload)
+            inc, mids, refused = _ACK_DEC.decode(payload)
+            if inc != self.incarnation:
+                return  # for an earlier start of this node: those ids mean nothing now
             ob = self._outboxes.get(origin)
             if ob is not None:
                 ob.ack(mids)
+                if refused:
+                    ob.nack(refused, self._now())
             self.counters["acks_received_total"] += len(mids)
+            self.counters["qos1_refused_by_peer_total"] += len(refused)
+        elif kind == KIND_NOTIFY:
+            self._on_notify(origin, payload, back)
         elif kind == KIND_ERROR:
             self.counters["errors_received_total"] += 1
             err = _ERROR_DEC.decode(payload)
             if err.kind == KIND_RELAY and err.target is not None:
-                self._node_gone(err.target)  # its relay cannot reach it any more
+                self._node_gone(err.target, "its relay cannot reach it")
         elif kind == KIND_NOMATCH:
             realm, topics = _NOMATCH_DEC.decode(payload)
             d = self._disc.get(realm)
@@ -826,20 +986,26 @@ class Mesh(WireHandler):
             link.send_nowait(KIND_ERROR, _enc.encode(err))
 
     def _on_pub(self, origin: bytes, payload: bytes, link: PeerLink) -> None:
-        realm, entries = _PUB_DEC.decode(payload)
+        realm, inc, low, entries = _PUB_DEC.decode(payload)
         self.counters["frames_in_total"] += 1
         self.counters["messages_received_total"] += len(entries)
+        self._saw_incarnation(origin, inc)
+        st = self.inbox.origin(origin, inc, low)
+        if st is None:
+            return  # from an earlier start of that node: that process is gone
         broker = self.broker
         now = self._now()
         broker.now = now
         local = self._local.get(realm)
         seen: dict[str, Any] = {}
         nomatch: list[str] = []
-        acks = self._acks
+        acked: list[int] | None = None
         inbox = self.inbox
         for mid, topic, data, groups in entries:
-            if mid and not inbox.accept(origin, mid, now):
-                acks.setdefault(origin, []).append(mid)  # a repeat: acknowledge again
+            if mid and not inbox.accept(st, mid):
+                if acked is None:
+                    acked = self._acks_for(origin, inc)[0]
+                acked.append(mid)  # a repeat: acknowledge again
                 continue
             hit = seen.get(topic)
             if hit is None:
@@ -858,57 +1024,108 @@ class Mesh(WireHandler):
                         nomatch.append(topic)
             if hit is _BAD:
                 if mid:  # refused for good: no point in re-sending it
-                    acks.setdefault(origin, []).append(mid)
+                    if acked is None:
+                        acked = self._acks_for(origin, inc)[0]
+                    acked.append(mid)
                 continue
             if mid:
-                broker.inject(realm, topic, data, 1, groups,
-                              _Ack(self, origin, mid) if broker.fanout is not None else None)
-                if broker.fanout is None:
-                    acks.setdefault(origin, []).append(mid)
+                broker.inject(realm, topic, data, 1, groups, _Ack(self, origin, inc, mid, st))
             elif hit or groups:
                 broker.inject(realm, topic, data, 0, groups)
         if nomatch:
             self.counters["nomatch_sent_total"] += len(nomatch)
             self._send_to(origin, KIND_NOMATCH, _enc.encode((realm, nomatch)))
 
+    def _acks_for(self, origin: bytes, inc: int) -> tuple[list[int], list[int]]:
+        key = (origin, inc)
+        a = self._acks.get(key)
+        if a is None:
+            a = self._acks[key] = ([], [])
+        return a
+
+    def _saw_incarnation(self, node: bytes, inc: int) -> None:
+        """``node`` runs as incarnation ``inc``: a newer one than known is a restart."""
+        old = self._incs.get(node)
+        if old is None or inc > old:
+            self._incs[node] = inc
+            if len(self._incs) > 100_000:
+                self._incs.popitem(last=False)
+            if old is not None:
+                self.counters["peers_restarted_total"] += 1
+                self._log(node, "restarted", "peer %s restarted (a new incarnation)")
+            dead = self._dead.get(node)
+            if dead is not None and dead < inc:
+                self._dead.pop(node)
+
     def on_link_up(self, link: PeerLink) -> None:
-        self._dead.pop(link.peer_id)
+        node = link.peer_id
+        was_dead = self._dead.pop(node) is not None
+        self._probed.pop(node, None)
         if link.addr is not None:
-            self._learn(link.peer_id, link.addr)
+            self._learn(node, link.addr)
+        if was_dead:
+            self.counters["peers_back_total"] += 1
+            self._log(node, "back", "peer %s is reachable again")
+        ob = self._outboxes.get(node)
+        if ob is not None and len(ob):
+            # whatever waited for it goes now, in id order (the receiver de-duplicates)
+            self._queue_resend(node, ob.resend_all(self._now()))
 
     def on_link_down(self, link: PeerLink, code: int, reason: str) -> None:
         self.dht.on_link_down(link, code, reason)
         if not self._running:
             return
-        via = self._vias.get(link.peer_id)
+        node = link.peer_id
+        via = self._vias.get(node)
         relayed = via is not None and via[0] != self.node_id
-        if code == wm.CLOSE_SHUTDOWN or (link.addr is None and not relayed):
-            self._node_gone(link.peer_id)
+        if code == wm.CLOSE_SHUTDOWN:
+            self._node_gone(node, "shut down", forget=True)
+        elif link.addr is None and not relayed:
+            self._node_gone(node, f"link lost ({reason or code}) and no address to dial")
         elif (code not in (wm.CLOSE_REPLACED, wm.CLOSE_EVICTED, wm.CLOSE_NORMAL)
-              and link.peer_id not in self._checking):
-            self._checking.add(link.peer_id)
+              and node not in self._checking):
+            self.counters["peers_lost_total"] += 1
+            self._log(node, "lost", "link to peer %s lost (%s): re-dialling",
+                      reason or f"code {code}")
+            self._checking.add(node)
             self._spawn(self._check(link))
 
     async def _check(self, link: PeerLink) -> None:
-        """The link broke: re-dial; if that fails, the node is gone."""
+        """The link broke: re-dial; if that fails, the node is gone (for now)."""
         try:
             await link.connected()
         except (LinkError, OSError, asyncio.TimeoutError):
-            self._node_gone(link.peer_id)
+            self._node_gone(link.peer_id, "re-dial failed")
         finally:
             self._checking.discard(link.peer_id)
 
-    def _node_gone(self, node: bytes) -> None:
+    def _node_gone(self, node: bytes, why: str, *, forget: bool = False) -> None:
+        """``node`` cannot be reached. Its QoS 1 outbox stays (it gets it when it comes
+        back, or the outbox's time bound counts it lost); calls stop going there. Only a
+        node that shut down (``forget``) leaves the routes: an unreachable one keeps its
+        subscriptions, and QoS 1 messages for it wait in its outbox."""
         if self._dead.get(node) is not None:
             return
         self.counters["nodes_gone_total"] += 1
-        self._dead.put(node, True)
-        ob = self._outboxes.pop(node, None)  # its QoS 1 messages have nowhere to go
-        if ob is not None and len(ob):
-            self.drops["node_gone"] += len(ob)
-        for d in self._disc.values():
-            d.forget_node(node)
+        self._dead.put(node, self._incs.get(node, 0))
+        ob = self._outboxes.get(node)
+        held = len(ob) if ob is not None else 0
+        self._log(node, "gone", "peer %s declared gone (%s); %d QoS 1 messages held for it",
+                  why, held)
+        if forget:
+            self._shut.put(node, self._incs.get(node, 0))
+            for d in self._disc.values():
+                d.forget_node(node)
         self.rpc.forget_node(node)
+
+    def _log(self, node: bytes, event: str, fmt: str, *args: Any) -> None:
+        """One log line per node and event kind per ``log_interval`` (the counters count
+        every one)."""
+        key = (node, event)
+        if self._logged.get(key) is not None:
+            return
+        self._logged.put(key, True)
+        log.warning(fmt, node.hex()[:12], *args)
 
     # -- figures --------------------------------------------------------------------------
 
@@ -931,12 +1148,16 @@ class Mesh(WireHandler):
             drops["pending_full"] = dropped
         out["drops_total"] = drops
         out["qos1_inflight"] = sum(len(ob) for ob in self._outboxes.values())
+        out["qos1_inflight_bytes"] = sum(ob.bytes for ob in self._outboxes.values())
+        out["qos1_held"] = sum(len(ob) for n, ob in self._outboxes.items() if n in self._dead)
+        out["nodes_unreachable"] = sum(1 for n in self._outboxes if n in self._dead)
         out["backlog_bytes"] = sum(self._backlog_bytes.values())
         out["lookups_in_flight"] = self._lookups_running
         out["lookups_waiting"] = len(self._lookup_queue)
         out["congested"] = int(self.congested)
         out["qos1_resent_total"] = sum(ob.counters["resent"] for ob in self._outboxes.values())
         out["duplicates_total"] = self.inbox.counters["duplicates"]
+        out["stale_frames_total"] = self.inbox.counters["stale"]
         ws = self.endpoint.stats_snapshot()
         out["links"] = ws.get("links", 0)
         out["links_open"] = ws.get("links_open", 0)
@@ -959,16 +1180,43 @@ def _qos1_entry(mid: int, body: bytes, groups_enc: bytes) -> bytes:
     return b"\x94" + p.pack_uint(mid) + body + groups_enc
 
 
+_WATCH_DEC = msgspec.msgpack.Decoder(
+    tuple[bytes, tuple[str, int] | None, tuple[bytes, tuple[str, int]] | None])
+
+
+def _decode_watch(value: bytes) -> tuple[bytes, tuple[str, int] | None,
+                                         tuple[bytes, tuple[str, int]] | None] | None:
+    """A watch record: (node id, endpoint, relay); None if malformed."""
+    try:
+        node, endpoint, via = _WATCH_DEC.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if len(node) != 32 or (via is not None and len(via[0]) != 32):
+        return None
+    return node, endpoint, via
+
+
 class _Ack:
-    """Acknowledge a QoS 1 message from another node once the shards delivered it."""
+    """Acknowledge a QoS 1 message from another node once it was handed to the local
+    sessions (at once, or when the shards answered), or refuse it (no room here: the
+    sender keeps it and sends it again)."""
 
-    __slots__ = ("mesh", "mid", "origin")
+    __slots__ = ("inc", "mesh", "mid", "origin", "state")
 
-    def __init__(self, mesh: Mesh, origin: bytes, mid: int) -> None:
+    def __init__(self, mesh: Mesh, origin: bytes, inc: int, mid: int,
+                 state: OriginState) -> None:
         self.mesh = mesh
         self.origin = origin
+        self.inc = inc
         self.mid = mid
+        self.state = state
 
-    def __call__(self) -> None:
-        self.mesh._acks.setdefault(self.origin, []).append(self.mid)
-        self.mesh._schedule_flush()
+    def __call__(self, taken: bool) -> None:
+        mesh = self.mesh
+        acked, refused = mesh._acks_for(self.origin, self.inc)
+        if taken:
+            acked.append(self.mid)
+        else:
+            mesh.inbox.refused(self.state, self.mid)
+            refused.append(self.mid)
+        mesh._schedule_flush()
