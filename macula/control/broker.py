@@ -398,6 +398,7 @@ class Broker:
         self.fanout: Fanout | None = None
         self.mesh: MeshHook | None = None
         self.mesh_in = 0  # messages from other nodes
+        self.mesh_refused = 0  # ... refused for want of room (not lost: the sender re-sends)
         self._pending: dict[int, PendingPub] = {}
         self._next_seq = 1
         self._dirty: list[Session] = []
@@ -668,7 +669,7 @@ class Broker:
 
         For QoS 1 (with ``done``) the message is taken whole or not at all: when a matching
         QoS 1 subscription, or every member of a named group, has no room for it, nothing
-        is delivered and ``done(False)`` says so (counted, ``mesh_refused_full``; the
+        is delivered and ``done(False)`` says so (counted, ``messages_from_mesh_refused``; the
         sending node keeps it and sends it again later); else ``done(True)`` once it was
         handed to the subscribers (at once, or when the shards answered)."""
         self.mesh_in += 1
@@ -691,7 +692,7 @@ class Broker:
         if fan is None:
             subs = [t for t in realm.trie.match(topic) if type(t) is Subscription]
         if qos and done is not None and not self._has_room(subs or (), named):
-            self.drops["mesh_refused_full"] += 1
+            self.mesh_refused += 1
             done(False)
             return
         if subs:
@@ -764,7 +765,7 @@ class Broker:
             subs.append(sub)
         if pp.done is not None:  # from another node: all or nothing (see inject)
             if not self._has_room(subs, pp.groups or []):
-                self.drops["mesh_refused_full"] += 1
+                self.mesh_refused += 1
                 pp.done(False)
                 return
             for g in pp.groups or ():
@@ -1276,6 +1277,7 @@ class Broker:
             "queued_pending_qos1": sum(len(s.pending1) for s in sessions),
             "stalled_sessions": sum(1 for s in sessions if s.stalled_since is not None),
             "messages_from_mesh_total": self.mesh_in,
+            "messages_from_mesh_refused_total": self.mesh_refused,
             "drops_total": dict(self.drops),
             "errors_total": {k: v for k, v in self.errors.items() if v},
             **({"shards": self.fanout.stats()} if self.fanout is not None else {}),
