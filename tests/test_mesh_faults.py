@@ -39,7 +39,7 @@ def test_a_resubscription_is_delivered_to_again() -> None:
         await sub1.subscribe("news/#", qos=1, callback=lambda m: got.append(m.payload))
         await _visible(pub, "news/x", got)
         await sub1.close()  # the last subscriber of news/# on b leaves ...
-        for i in range(20):  # ... while messages keep coming: b answers NOMATCH, a prunes
+        for _ in range(20):  # ... while messages keep coming: b answers NOMATCH, a prunes
             await pub.publish("news/x", b"gap", qos=1)
             await asyncio.sleep(0.025)
         await _until(lambda: a.stats()["mesh"]["pruned_total"] >= 1, what="a pruned b")
