@@ -184,3 +184,46 @@ def test_tick_restarts_lookups_that_rate_limiting_held_back() -> None:
     assert d.take_lookups() == []
     d.tick(now=5)
     assert sorted(d.take_lookups()) == ["", "t"]
+
+
+def test_a_new_version_of_an_identical_record_undoes_a_prune() -> None:
+    """A subscriber that left and came back re-advertises the same filters: the publisher
+    pruned it meanwhile (NOMATCH) and must send to it again (the old code compared the
+    filters only, so the prune outlived the re-subscription)."""
+    d: Discovery[str] = Discovery(self_id=ME, refresh_after=1.0, min_interval=0.5)
+    d.route("t", "m", now=0)
+    _answer(d, 0, {"t": [Advert(A, ("h", 1), ("t",), None, 5, 1)]})
+    d.prune("t", A, now=0.5)
+    assert d.route("t", "m", now=0.6)[0] == set()  # type: ignore[index]
+    d.route("t", "m", now=1.5)  # a refresh starts
+    _answer(d, 1.5, {"t": [Advert(A, ("h", 1), ("t",), None, 5, 3)]})  # same filters, newer
+    assert d.route("t", "m", now=1.6)[0] == {A}  # type: ignore[index]
+    # a restart (a new incarnation) is newer than any version of the old one
+    d.prune("t", A, now=1.7)
+    assert d.apply_advert("t", Advert(A, ("h", 1), ("t",), None, 6, 1), now=1.8) is False
+    assert d.route("t", "m", now=1.9)[0] == {A}  # type: ignore[index]
+
+
+def test_a_pushed_record_changes_routes_at_once_and_older_copies_do_not_undo_it() -> None:
+    d: Discovery[str] = Discovery(self_id=ME, refresh_after=30.0, min_interval=1.0)
+    d.route("t/x", "m", now=0)
+    _answer(d, 0, {"t": []})
+    assert d.route("t/x", "m", now=0.1)[0] == set()  # type: ignore[index]
+    # B subscribes and pushes its record (NOTIFY): no lookup needed
+    assert d.apply_advert("t", Advert(B, ("h", 2), ("t/#",), None, 9, 1), now=0.2)
+    assert d.route("t/x", "m", now=0.3)[0] == {B}  # type: ignore[index]
+    assert d.take_lookups() == []
+    # a stale copy from a DHT node that missed the update does not take it back ...
+    assert d.apply_advert("t", Advert(B, ("h", 2), ("t/x",), None, 9, 0), now=0.4) is False
+    d.route("t/x", "m", now=31)  # a refresh starts
+    assert sorted(d.take_lookups()) == ["", "t", "t/x"]
+    for anchor in ("", "t/x"):
+        d.lookup_done(anchor, [], now=31)
+    d.lookup_done("t", [Advert(B, ("h", 2), ("t/x",), None, 9, 0)], now=31)
+    assert d.route("t/x", "m", now=31.1)[0] == {B}  # type: ignore[index]
+    # ... but its newer empty record does (B left)
+    d.apply_advert("t", Advert(B, ("h", 2), (), None, 9, 2), now=32)
+    assert d.route("t/x", "m", now=32.1)[0] == set()  # type: ignore[index]
+    # pushes for anchors this node does not use are ignored
+    assert d.apply_advert("zzz", Advert(C, ("h", 3), ("zzz",), None, 1, 1), now=33) is False
+    assert d.counters["pushed"] == 2
