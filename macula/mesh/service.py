@@ -763,11 +763,30 @@ class Mesh(WireHandler):
                 expired = ob.hold(now)
                 if now - self._probed.get(node, float("-inf")) >= self.config.probe_interval:
                     self._probed[node] = now
-                    self._direct(node)  # dials (with the pool's back-off) if it can
+                    self._probe(node)
             if expired:
                 self.drops["qos1_expired"] += len(expired)
                 self._log(node, "expired", "%s: QoS 1 messages for peer %s expired "
                           "unacknowledged", len(expired))
+
+    def _probe(self, node: bytes) -> None:
+        """Dial ``node`` (with the pool's back-off) unless a dial is already under way: its
+        QoS 1 messages go as soon as a link comes up (``on_link_up``)."""
+        if node in self._checking:
+            return
+        link = self._direct(node)
+        if link is None or link.is_open:
+            return
+        self._checking.add(node)
+        self._spawn(self._dial_probe(node, link))
+
+    async def _dial_probe(self, node: bytes, link: PeerLink) -> None:
+        try:
+            await link.connected()
+        except (LinkError, OSError, asyncio.TimeoutError):
+            pass  # still away: the next probe tries again
+        finally:
+            self._checking.discard(node)
 
     def _queue_resend(self, node: bytes, resend: list[tuple[int, tuple[str, bytes, bytes]]]
                       ) -> None:
