@@ -22,8 +22,11 @@ Receiving (PUB frames)
     the local subscriptions (or the shards). A topic nothing here matches any more is named
     in a NOMATCH frame back, and the publisher drops this node from that topic's route
     until the anchors' answers change. QoS 1 messages (``mid`` > 0) are de-duplicated by
-    ``(origin, mid)`` and acknowledged (ACK frames, batched) once handed to the
-    subscribers; the publisher's outbox re-sends on ``ack_timeout`` (``max_attempts``).
+    ``(origin, incarnation, mid)`` and acknowledged (ACK frames, batched) once handed to the
+    subscribers, or refused when a subscriber has no room (the sender keeps it and sends it
+    again); the publisher's outbox re-sends on ``ack_timeout`` while the node is reachable,
+    keeps everything for a node declared gone, and sends it all when a link comes up
+    (bounded by ``qos1_ttl`` and ``max_outbox_bytes``; ``macula.mesh.qos``).
 
 Shared subscriptions (one delivery per group per message, mesh-wide)
     Nodes advertise ``$share/<group>/<filter>`` like other filters. For each group that
@@ -44,12 +47,14 @@ RPC
 
 Nodes that die
     A link that goes down (other than by replacement or eviction) is re-dialled; if that
-    fails, or the peer said it was shutting down, the node is forgotten: removed from every
-    route and provider list and its adverts ignored for ``dead_node_ttl`` seconds (or until
-    it links up again).
+    fails the node is declared gone: calls avoid it, QoS 0 for it is dropped (counted), and
+    QoS 1 waits in its outbox while it is probed; it keeps its routes. A node that said it
+    was shutting down is forgotten: removed from every route and provider list and its older
+    adverts ignored for ``dead_node_ttl`` seconds. Log lines per event, rate-limited.
 
-Wire kinds (one-way unless noted): 0x20 PUB ``[realm, [[mid, topic, payload, groups]...]]``,
-0x21 ACK ``[mid...]``, 0x22 NOMATCH ``[realm, [topic...]]``, 0x23 CALL (request)
+Wire kinds (one-way unless noted): 0x20 PUB ``[realm, incarnation, low mark, [[mid, topic,
+payload, groups]...]]``, 0x21 ACK ``[incarnation, [acknowledged mid...], [refused mid...]]``,
+0x27 NOTIFY ``[realm, anchor, record]``, 0x22 NOMATCH ``[realm, [topic...]]``, 0x23 CALL (request)
 ``[realm, procedure, args, timeout_ms]`` answered with the result's msgpack bytes or a
 status 0x30-0x34, 0x24 ERROR ``[kind, message]`` (a malformed one-way message was dropped;
 both ends count it, the link stays up).
