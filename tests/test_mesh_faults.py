@@ -154,3 +154,27 @@ def test_a_stopped_subscriber_node_gets_everything_acknowledged_meanwhile(tmp_pa
 
 async def _gone(c: Client) -> bool:
     return bool((await c.stats())["mesh"]["nodes_gone_total"] > 0)
+
+
+def test_a_new_subscription_is_pushed_to_a_node_that_already_publishes_there() -> None:
+    """The publishing node looked the anchors up already (nobody subscribed) and will not
+    look again for a minute: a subscription made later on another node must still be
+    reached (its node pushes the new record to the anchor's watchers, NOTIFY)."""
+
+    @_mesh(_cfg(mesh_min_interval=60.0, mesh_cache_ttl=120.0), _cfg())
+    async def body(a: Node, b: Node) -> None:
+        pub = await Client.connect(a.endpoints[0])
+        for _ in range(5):  # a knows news/x and that nobody subscribes to it
+            assert await pub.publish("news/x", b"early", qos=1) in (
+                PubackReason.OK, PubackReason.NO_SUBSCRIBERS)
+            await asyncio.sleep(0.1)
+        await _until(lambda: a.stats()["mesh"]["pending"] == 0, what="a's lookups done")
+        lookups = a.stats()["mesh"]["dht_lookups_total"]
+        subc = await Client.connect(b.endpoints[0])
+        got: list[bytes] = []
+        await subc.subscribe("news/#", qos=1, callback=lambda m: got.append(m.payload))
+        await _visible(pub, "news/x", got)  # 100 tries, 10 s at most
+        assert a.stats()["mesh"]["notify_received_total"] >= 1
+        assert a.stats()["mesh"]["dht_lookups_total"] == lookups  # pushed, not looked up
+        for c in (pub, subc):
+            await c.close()
