@@ -486,7 +486,7 @@ class _Conn(QuicConnectionProtocol):
         run: list[m.Msg] = []
         for frame in frames:
             try:
-                msg = decode(frame)
+                msg: Any = decode(frame)  # dispatched on its exact type below
             except (msgspec.DecodeError, msgspec.ValidationError):
                 if run:
                     on_messages(link, run)
