@@ -542,8 +542,9 @@ class Mesh(WireHandler):
             return False
 
     def _send_pub(self, node: bytes, frame: bytes, n: int) -> None:
-        """A PUB frame of ``n`` messages for ``node``. Over the link's send buffer it waits
-        in the node's backlog (in order) until the link drains."""
+        """A PUB frame with ``n`` QoS 0 messages for ``node`` (counted if dropped). Over
+        the link's send buffer it waits in the node's backlog (in order) until the link
+        drains."""
         if node in self._backlog:
             self._to_backlog(node, frame, n)
             return
@@ -639,7 +640,10 @@ class Mesh(WireHandler):
                 for i in range(0, len(entries), _MAX_ENTRIES_PER_FRAME):
                     chunk = entries[i:i + _MAX_ENTRIES_PER_FRAME]
                     frame = head + p.array_header(len(chunk)) + b"".join(chunk)
-                    self._send_pub(node, frame, len(chunk))
+                    # the drops of a frame count its QoS 0 messages only: the QoS 1 ones
+                    # stay in the outbox and are sent again (an entry's second byte is its
+                    # mid's first: 0 only for QoS 0)
+                    self._send_pub(node, frame, sum(1 for e in chunk if e[1] == 0))
         acks, self._acks = self._acks, {}
         for (node, node_inc), (mids, refused) in acks.items():
             if self._send_to(node, KIND_ACK, _enc.encode((node_inc, mids, refused))):
