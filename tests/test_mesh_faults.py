@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
 from macula.client import Client, PubackReason
@@ -57,12 +58,14 @@ def test_a_resubscription_is_delivered_to_again() -> None:
             await c.close()
 
 
-def test_a_receiver_without_room_refuses_and_gets_the_message_later() -> None:
+@pytest.mark.parametrize("shards", [0, 1])
+def test_a_receiver_without_room_refuses_and_gets_the_message_later(shards: int) -> None:
     """b's subscriber takes 2 QoS 1 messages in flight and 2 waiting; 30 come from a. The
-    old code acknowledged to a the ones b's full queue refused: they were lost."""
+    old code acknowledged to a the ones b's full queue refused: they were lost. With
+    shards, b decides once the shards matched."""
     limits = Limits(max_inflight=2, max_pending_qos1=2, ack_timeout=60.0)
 
-    @_mesh(_cfg(), _cfg(limits=limits))
+    @_mesh(_cfg(), _cfg(limits=limits, shards=shards))
     async def body(a: Node, b: Node) -> None:
         ctx: zmq.Context[Any] = zmq.Context()
         raw = Raw(ctx, b.endpoints[0])
