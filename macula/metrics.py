@@ -53,6 +53,8 @@ _SPEC: tuple[tuple[str, str, str, str, str], ...] = (
      "QoS 1 deliveries waiting for window space", ""),
     ("stalled_sessions", "macula_stalled_sessions", "gauge", "Sessions at their HWM", ""),
     ("drops_total", "macula_drops", "counter", "Messages dropped, by reason", "reason"),
+    ("messages_from_mesh_refused_total", "macula_messages_from_mesh_refused", "counter",
+     "QoS 1 messages from other nodes refused for want of room (the sender re-sends)", ""),
     ("errors_total", "macula_errors", "counter", "ERRORs sent, by code name", "code"),
 )
 
@@ -128,6 +130,26 @@ _MESH_SPEC: tuple[tuple[str, str, str, str, str], ...] = (
     ("bad_input_total", "macula_mesh_bad_input", "counter",
      "Malformed mesh frames or messages from peers", ""),
     ("drops_total", "macula_mesh_drops", "counter", "Mesh messages dropped, by reason", "reason"),
+    ("peers_lost_total", "macula_mesh_peers_lost", "counter",
+     "Links to other nodes that broke (re-dialled)", ""),
+    ("peers_back_total", "macula_mesh_peers_back", "counter",
+     "Nodes declared gone that became reachable again", ""),
+    ("peers_restarted_total", "macula_mesh_peers_restarted", "counter",
+     "Other nodes seen with a new incarnation (restarted)", ""),
+    ("nodes_unreachable", "macula_mesh_nodes_unreachable", "gauge",
+     "Nodes declared gone for which QoS 1 messages are held", ""),
+    ("qos1_held", "macula_mesh_qos1_held", "gauge",
+     "QoS 1 messages held for nodes declared gone", ""),
+    ("qos1_inflight_bytes", "macula_mesh_qos1_inflight_bytes", "gauge",
+     "Bytes of QoS 1 messages not yet acknowledged by other nodes", ""),
+    ("qos1_refused_by_peer_total", "macula_mesh_qos1_refused_by_peer", "counter",
+     "QoS 1 messages another node refused for want of room (sent again later)", ""),
+    ("notify_sent_total", "macula_mesh_notify_sent", "counter",
+     "Changed records pushed to the nodes that watch their anchor", ""),
+    ("notify_received_total", "macula_mesh_notify_received", "counter",
+     "Changed records pushed by other nodes", ""),
+    ("stale_frames_total", "macula_mesh_stale_frames", "counter",
+     "PUB frames from an earlier incarnation of their origin (dropped)", ""),
 )
 
 
