@@ -77,6 +77,7 @@ class NodeConfig:
     mesh_ack_timeout: float = 1.0  # QoS 1 between nodes: re-send after this long
     mesh_qos1_ttl: float = 300.0  # QoS 1 between nodes: kept for an absent node this long
     mesh_outbox_bytes: int = 64 << 20  # QoS 1 between nodes: bytes in flight per node
+    mesh_restore_grace: float = 5.0  # after a restart, refuse (not lose) unmatched QoS 1
     mesh_max_pending: int = 100_000  # messages waiting for discovery (oldest dropped)
     limits: Limits = field(default_factory=Limits)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -33,6 +34,7 @@ from macula.mesh.service import Mesh, MeshConfig
 from macula.metrics import MetricsServer, make_registry
 from macula.shards.pool import ShardPool
 from macula.wire import NodeIdentity
+from macula.wire.identity import KEY_FILE_NAME
 
 
 class Node:
@@ -86,6 +88,8 @@ class Node:
         data_dir = config.data_dir
         if not data_dir:
             data_dir = self._tmp_dir = tempfile.mkdtemp(prefix="macula-node-")
+        # a node whose identity existed already is a restart: its clients may come back
+        restarted = os.path.exists(os.path.join(data_dir, KEY_FILE_NAME))
         identity = NodeIdentity.load_or_create(data_dir)
         mc = MeshConfig(
             host=config.mesh_host,
@@ -103,6 +107,7 @@ class Node:
             qos1_ttl=config.mesh_qos1_ttl,
             max_outbox_bytes=config.mesh_outbox_bytes,
             max_pending=config.mesh_max_pending,
+            restore_grace=config.mesh_restore_grace if restarted else 0.0,
         )
         return Mesh(self.broker, identity, mc, flush=self._flush_control)
 

@@ -18,7 +18,14 @@ import msgspec
 import pytest
 
 from macula.dht import messages as dm
-from macula.dht.core import DhtConfig, DhtCore, LookupDone, SendRequest, StoreDone
+from macula.dht.core import (
+    DhtConfig,
+    DhtCore,
+    KeyChanged,
+    LookupDone,
+    SendRequest,
+    StoreDone,
+)
 from macula.dht.keys import dht_key
 from macula.dht.messages import Contact, FindNode, FindValue, Nodes, Ping, Pong, Store
 
@@ -49,6 +56,7 @@ class FakeNet:
         self.done: dict[tuple[bytes, int], LookupDone | StoreDone] = {}
         self.sent = 0
         self.asked_dead: set[tuple[bytes, bytes]] = set()
+        self.changes: list[tuple[bytes, KeyChanged]] = []  # (the holder that told, what)
 
     def add(self, node_id: bytes | None = None, *, client_mode: bool = False) -> DhtCore:
         nid = node_id or rid_of(self.rng)
@@ -67,6 +75,8 @@ class FakeNet:
             if isinstance(a, SendRequest):
                 self.sent += 1
                 self._deliver(core, a)
+            elif isinstance(a, KeyChanged):
+                self.changes.append((core.node_id, a))
             else:
                 key = a.lookup_id if isinstance(a, LookupDone) else a.op_id
                 self.done[(core.node_id, key)] = a
@@ -125,8 +135,8 @@ class FakeNet:
     # -- helpers --------------------------------------------------------------------------
 
     def lookup(self, core: DhtCore, target: bytes, *, want_value: bool = False,
-               dt: float = 10.0) -> LookupDone:
-        lid = core.start_lookup(target, want_value=want_value, now=self.now)
+               dt: float = 10.0, watch: bool = False) -> LookupDone:
+        lid = core.start_lookup(target, want_value=want_value, now=self.now, watch=watch)
         self.pump(core)
         self.settle(dt)
         done = self.done[(core.node_id, lid)]
@@ -796,3 +806,46 @@ def test_store_walk_counts_an_oversized_ack_as_a_failure() -> None:
     assert (done.stored, done.failed) == (20, 1)  # it stored, but its ack is refused
     assert pub.stats["bad_replies"] == 1 and zero.node_id not in pub.table
     assert holders_of(net, key) == set(want)  # and the 21st closest got a STORE too
+
+
+def test_a_watching_reader_is_told_of_each_change_until_its_watch_expires() -> None:
+    rng = random.Random(7)
+    core = DhtCore(rid_of(rng), config=DhtConfig(k=4, watch_ttl=10.0, max_watchers=2),
+                   now=0.0)
+    pub, reader, other, third = (Contact(rid_of(rng), "10.0.0.2", 1000 + i) for i in range(4))
+    key = rid_of(rng)
+    core.receive_request(pub, Store(1, key, b"v1", 60.0), now=0.0)
+    assert core.next_action() is None  # nobody watches yet
+    core.receive_request(reader, FindValue(2, key, True), now=1.0)  # reads and watches
+    core.receive_request(other, FindValue(3, key), now=1.0)  # reads only
+    core.receive_request(pub, Store(4, key, b"v2", 60.0), now=2.0)
+    assert core.next_action() == KeyChanged(key, pub.node_id, b"v2", [reader])
+    core.receive_request(pub, Store(5, key, b"v2", 60.0), now=3.0)  # a republish: no change
+    assert core.next_action() is None
+    core.receive_request(pub, Store(6, key, b"v3", 60.0), now=11.5)  # the watch expired
+    assert core.next_action() is None
+    # at most max_watchers per key: the oldest registration goes, counted
+    for i, c in enumerate((reader, other, third)):
+        core.receive_request(c, FindValue(7 + i, key, True), now=12.0)
+    core.receive_request(pub, Store(10, key, b"v4", 60.0), now=13.0)
+    assert core.next_action() == KeyChanged(key, pub.node_id, b"v4", [other, third])
+    assert core.stats["watches_dropped"] == 1 and core.stats["changes_told"] == 3
+
+
+def test_a_watching_lookup_is_told_of_a_later_put_from_any_node() -> None:
+    net = FakeNet(DhtConfig(k=4, alpha=3, query_timeout=1.0))
+    cores = net.build(12)
+    key = dht_key("realm", "sub", "a")
+    reader, writer = cores[3], cores[9]
+    assert net.lookup(reader, key, want_value=True, watch=True).records == []
+    net.put(writer, key, b"hello")
+    told = [a for _, a in net.changes if reader.node_id in {w.node_id for w in a.watchers}]
+    assert told, "no holder told the watching reader"
+    assert all(a.value == b"hello" and a.publisher == writer.node_id for a in told)
+    # a reader that did not ask to watch is told nothing
+    other = cores[5]
+    net.lookup(other, key, want_value=True)
+    net.changes.clear()
+    net.put(writer, key, b"again")
+    assert net.changes and not any(
+        other.node_id in {w.node_id for w in a.watchers} for _, a in net.changes)

@@ -78,7 +78,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,11 +141,15 @@ class DhtConfig:
     max_keys: int = 100_000
     max_values_per_key: int = 256
     max_value_size: int = 1024
+    watch_ttl: float = 90.0  # a FIND_VALUE with ``watch`` is told of changes this long (s)
+    max_watchers: int = 256  # per key (the oldest registration goes beyond)
+    max_watched_keys: int = 100_000  # keys with watchers (the least recently watched goes)
 
     def __post_init__(self) -> None:
         for name in ("k", "alpha", "evict_after", "failure_table", "value_quorum",
                      "bootstrap_attempts",
-                     "max_keys", "max_values_per_key", "max_value_size"):
+                     "max_keys", "max_values_per_key", "max_value_size", "max_watchers",
+                     "max_watched_keys"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, not {v!r}")
@@ -154,7 +158,7 @@ class DhtConfig:
         if not (isinstance(self.ping_after, int | float) and self.ping_after >= 0):
             raise ValueError(f"ping_after must be a number >= 0, not {self.ping_after!r}")
         for name in ("query_timeout", "failure_memory", "refresh_interval", "refresh_check",
-                     "reap_interval", "default_ttl", "max_ttl"):
+                     "reap_interval", "default_ttl", "max_ttl", "watch_ttl"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and v > 0):
                 raise ValueError(f"{name} must be a number > 0, not {v!r}")
@@ -191,7 +195,19 @@ class StoreDone:
     failed: int  # nodes that did not answer
 
 
-Action = SendRequest | LookupDone | StoreDone
+@dataclass(frozen=True, slots=True)
+class KeyChanged:
+    """A value this node holds changed (new, or different from before): tell the nodes that
+    read ``key`` here lately and asked to be told (FIND_VALUE ``watch``). This node itself
+    is among ``watchers`` (node id ``DhtCore.node_id``) when its own lookups watched."""
+
+    key: bytes
+    publisher: bytes
+    value: bytes
+    watchers: list[Contact]
+
+
+Action = SendRequest | LookupDone | StoreDone | KeyChanged
 
 
 # -- internal state -------------------------------------------------------------------------
@@ -222,9 +238,11 @@ class _Entry:
 
 class _Lookup:
     __slots__ = ("cands", "done", "entries", "failed", "inflight", "join", "lid", "notify",
-                 "queries", "records", "rounds", "target", "tint", "value_nodes", "want_value")
+                 "queries", "records", "rounds", "target", "tint", "value_nodes", "want_value",
+                 "watch")
 
     def __init__(self, lid: int, target: bytes, want_value: bool, notify: bool) -> None:
+        self.watch = False
         self.lid = lid
         self.target = target
         self.tint = int.from_bytes(target, "big")
@@ -333,13 +351,16 @@ class DhtCore:
         self._pinging: set[bytes] = set()
         self._actions: deque[Action] = deque()
         self._published: dict[bytes, _Published] = {}
+        # key -> node id -> (the watcher, until when): see "watches" below
+        self._watches: OrderedDict[bytes, OrderedDict[bytes, tuple[Contact, float]]] = (
+            OrderedDict())
         self._republish: list[tuple[float, bytes, int]] = []
         self._next_reap = now + cfg.reap_interval
         self._next_refresh = now + cfg.refresh_check
         self.stats: dict[str, int] = dict.fromkeys(
             ("requests_in", "queries_out", "replies_in", "timeouts", "failures", "bad_replies",
              "late_replies", "evictions", "pings_out", "lookups", "stores", "republishes",
-             "refreshes", "client_mode_peers"), 0)
+             "refreshes", "client_mode_peers", "changes_told", "watches_dropped"), 0)
 
     # -- outputs --------------------------------------------------------------------------
 
@@ -363,11 +384,14 @@ class DhtCore:
     # -- commands -------------------------------------------------------------------------
 
     def start_lookup(self, target: bytes, *, want_value: bool = False, now: float,
-                     seeds: list[Contact] | None = None) -> int:
+                     seeds: list[Contact] | None = None, watch: bool = False) -> int:
         """Start an iterative FIND_NODE (or FIND_VALUE) lookup; returns its id. A
-        ``LookupDone`` with that id follows (possibly at once)."""
+        ``LookupDone`` with that id follows (possibly at once). ``watch`` (FIND_VALUE): the
+        nodes that answer, this one included, report later changes of the key's values for
+        ``watch_ttl`` seconds (``KeyChanged``)."""
         _check_id("target", target)
-        return self._lookup(target, want_value, now, notify=True, seeds=seeds).lid
+        return self._lookup(target, want_value, now, notify=True, seeds=seeds,
+                            watch=watch and want_value).lid
 
     def bootstrap(self, seeds: list[Contact], now: float) -> int:
         """Join through ``seeds`` (contacts whose node ids are known): a lookup of our own id
@@ -417,6 +441,8 @@ class DhtCore:
             reply: Any = Nodes(msg.rid, self._closest_for(msg.target, sender.node_id))  # type: ignore[union-attr]
         elif t is FindValue:
             key = msg.key  # type: ignore[union-attr]
+            if msg.watch:  # type: ignore[union-attr]
+                self._add_watch(key, sender, now)
             recs = [Record(p, v, ttl) for p, v, ttl in self.store.get(key, now)]
             # with records, closer contacts are only useful to a lookup wanting more holders
             contacts = (self._closest_for(key, sender.node_id)
@@ -424,7 +450,10 @@ class DhtCore:
             reply = Values(msg.rid, recs, contacts)
         elif t is Store:
             assert isinstance(msg, Store)
+            old = self.store.value(msg.key, sender.node_id, now)
             reason = self.store.put(msg.key, sender.node_id, msg.value, msg.ttl, now)
+            if not reason and old != msg.value:
+                self._changed(msg.key, sender.node_id, msg.value, now)
             reply = StoreAck(msg.rid, not reason, reason,
                              self._closest_for(msg.key, sender.node_id))
         elif t is Ping:
@@ -637,11 +666,15 @@ class DhtCore:
     # -- lookups --------------------------------------------------------------------------
 
     def _lookup(self, target: bytes, want_value: bool, now: float, *, notify: bool,
-                seeds: list[Contact] | None = None, join: _Join | None = None) -> _Lookup:
+                seeds: list[Contact] | None = None, join: _Join | None = None,
+                watch: bool = False) -> _Lookup:
         lk = _Lookup(self._new_id(), target, want_value, notify)
         lk.join = join
+        lk.watch = watch
         self._lookups[lk.lid] = lk
         self.stats["lookups"] += 1
+        if watch and not self.client_mode:
+            self._add_watch(target, Contact(self.node_id, "", 0), now)
         if want_value:
             for p, v, ttl in self.store.get(target, now):
                 lk.records[p] = Record(p, v, ttl)
@@ -708,7 +741,7 @@ class DhtCore:
             if st == _NEW:
                 if lk.inflight < alpha:
                     rid = self._new_id()
-                    msg: Request = (FindValue(rid, lk.target) if lk.want_value
+                    msg: Request = (FindValue(rid, lk.target, lk.watch) if lk.want_value
                                     else FindNode(rid, lk.target))
                     q = self._send(rid, e.contact, msg, now, _LOOKUP)
                     q.lookup = lk
@@ -885,10 +918,13 @@ class DhtCore:
         op.done = True
         for e in top:
             if e.state == _SELF:
+                old = self.store.value(op.key, self.node_id, now)
                 if self.store.put(op.key, self.node_id, op.value, op.ttl, now):
                     op.refused += 1
                 else:
                     op.stored += 1
+                    if old != op.value:
+                        self._changed(op.key, self.node_id, op.value, now)
         if op.notify:
             self._actions.append(StoreDone(op.op_id, op.key, op.stored, op.refused, op.failed))
 
@@ -906,6 +942,43 @@ class DhtCore:
         q.op = op
 
     # -- introspection --------------------------------------------------------------------
+
+    # -- watches ---------------------------------------------------------------------------
+    #
+    # A node that reads a key with ``watch`` is told of every later change of the key's
+    # values here (a new or different value of a publisher), for ``watch_ttl`` seconds after
+    # its read: a reader that keeps reading keeps watching. Registering and answering happen
+    # in one step, so no change is missed between the read and the registration. Bounded:
+    # ``max_watchers`` per key (the oldest registration goes), ``max_watched_keys`` keys
+    # (the least recently watched goes); both counted.
+
+    def _add_watch(self, key: bytes, who: Contact, now: float) -> None:
+        cfg = self.config
+        ws = self._watches.get(key)
+        if ws is None:
+            ws = self._watches[key] = OrderedDict()
+            while len(self._watches) > cfg.max_watched_keys:
+                self._watches.popitem(last=False)
+                self.stats["watches_dropped"] += 1
+        else:
+            self._watches.move_to_end(key)
+        ws[who.node_id] = (who, now + cfg.watch_ttl)
+        ws.move_to_end(who.node_id)
+        while len(ws) > cfg.max_watchers:
+            ws.popitem(last=False)
+            self.stats["watches_dropped"] += 1
+
+    def _changed(self, key: bytes, publisher: bytes, value: bytes, now: float) -> None:
+        ws = self._watches.get(key)
+        if not ws:
+            return
+        for nid in [n for n, (_, until) in ws.items() if until <= now]:
+            del ws[nid]
+        if not ws:
+            del self._watches[key]
+            return
+        self.stats["changes_told"] += len(ws)
+        self._actions.append(KeyChanged(key, publisher, value, [c for c, _ in ws.values()]))
 
     @property
     def lookups_in_progress(self) -> int:

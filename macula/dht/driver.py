@@ -27,13 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
 
 from macula.dht import messages as dm
-from macula.dht.core import DhtConfig, DhtCore, LookupDone, SendRequest, StoreDone
+from macula.dht.core import (
+    DhtConfig,
+    DhtCore,
+    KeyChanged,
+    LookupDone,
+    SendRequest,
+    StoreDone,
+)
 from macula.dht.messages import Contact, Record
 from macula.wire import (
     AdmissionError,
@@ -101,6 +108,9 @@ class Dht(WireHandler):
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wire_timeout = self.config.query_timeout + 1.0
+        # told when a value this node holds changed and some nodes watch its key (the layer
+        # above delivers the news: the DHT has no one-way messages of its own)
+        self.on_key_changed: Callable[[KeyChanged], None] = lambda change: None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -186,15 +196,16 @@ class Dht(WireHandler):
         done: LookupDone = await self._wait(lid)
         return done.contacts
 
-    async def get_records(self, key: bytes) -> list[Record]:
-        """The live records under ``key``: one per publisher."""
-        lid = self.core.start_lookup(key, want_value=True, now=self._now())
+    async def get_records(self, key: bytes, *, watch: bool = False) -> list[Record]:
+        """The live records under ``key``: one per publisher. ``watch``: the nodes that
+        answered report later changes (``on_key_changed``, see ``DhtCore``)."""
+        lid = self.core.start_lookup(key, want_value=True, now=self._now(), watch=watch)
         done: LookupDone = await self._wait(lid)
         return done.records
 
-    async def get(self, key: bytes) -> list[bytes]:
+    async def get(self, key: bytes, *, watch: bool = False) -> list[bytes]:
         """The values under ``key`` (one per publisher; [] if none)."""
-        return [r.value for r in await self.get_records(key)]
+        return [r.value for r in await self.get_records(key, watch=watch)]
 
     async def put(self, key: bytes, value: bytes, ttl: float | None = None) -> StoreDone:
         """Store ``value`` under ``key`` (as this node's value there) on the key's k closest
@@ -255,6 +266,8 @@ class Dht(WireHandler):
                 task = loop.create_task(self._request(a))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            elif type(a) is KeyChanged:
+                self.on_key_changed(a)
             else:
                 key = a.lookup_id if type(a) is LookupDone else a.op_id  # type: ignore[union-attr]
                 fut = self._waiters.get(key)

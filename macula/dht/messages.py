@@ -74,6 +74,8 @@ class FindNode(msgspec.Struct, array_like=True, frozen=True, tag=KIND_FIND_NODE)
 class FindValue(msgspec.Struct, array_like=True, frozen=True, tag=KIND_FIND_VALUE):
     rid: int
     key: NodeId
+    # also: tell me when a value under ``key`` changes here (``KeyChanged``), for a while
+    watch: bool = False
 
 
 class Store(msgspec.Struct, array_like=True, frozen=True, tag=KIND_STORE):

@@ -83,6 +83,14 @@ class RecordStore:
             return []
         return [(p, v, d - now) for p, (v, d) in vals.items() if d > now]
 
+    def value(self, key: bytes, publisher: bytes, now: float) -> bytes | None:
+        """``publisher``'s live value under ``key``, or None."""
+        vals = self._keys.get(key)
+        if not vals:
+            return None
+        got = vals.get(publisher)
+        return got[0] if got is not None and got[1] > now else None
+
     # -- updates --------------------------------------------------------------------------
 
     def put(self, key: bytes, publisher: bytes, value: bytes, ttl: float, now: float) -> str:

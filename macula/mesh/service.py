@@ -77,10 +77,10 @@ import msgspec
 from macula import TopicTrie, TTLCache, parse_shared, validate_topic
 from macula.control import protocol as p
 from macula.dht import messages as dm
-from macula.dht.core import DhtConfig
+from macula.dht.core import DhtConfig, KeyChanged
 from macula.dht.driver import Dht
 from macula.dht.keys import dht_key
-from macula.mesh.advertiser import Advertiser, Put, decode_advert
+from macula.mesh.advertiser import Advertiser, decode_advert
 from macula.mesh.calls import Calls
 from macula.mesh.discovery import Advert, Discovery
 from macula.mesh.kinds import (
@@ -121,7 +121,7 @@ _PubEntry = tuple[int, str, bytes, list[tuple[str, str]]]
 _PUB_DEC = msgspec.msgpack.Decoder(tuple[str, int, int, list[_PubEntry]])
 # [incarnation of the PUBs' sender, acknowledged ids, refused ids]
 _ACK_DEC = msgspec.msgpack.Decoder(tuple[int, list[int], list[int]])
-_NOTIFY_DEC = msgspec.msgpack.Decoder(tuple[str, str, bytes])
+_NOTIFY_DEC = msgspec.msgpack.Decoder(tuple[bytes, bytes, bytes])  # key, publisher, record
 log = logging.getLogger("macula.mesh")
 _NOMATCH_DEC = msgspec.msgpack.Decoder(tuple[str, list[str]])
 
@@ -159,13 +159,14 @@ class MeshConfig:
     max_inflight: int = 100_000  # unacknowledged QoS 1 messages per node (refused beyond)
     max_outbox_bytes: int = 64 << 20  # their bytes per node (refused beyond)
     probe_interval: float = 0.5  # dial a node that holds QoS 1 messages this often (s)
+    # after a start, QoS 1 messages nothing here matches are refused (sent again later), not
+    # acknowledged, for this long: the clients of a restarted node are still reconnecting
+    restore_grace: float = 5.0
     max_pending: int = 100_000  # messages waiting for discovery, all topics (oldest dropped)
     max_pending_per_topic: int = 1_000
     max_routes: int = 100_000  # topics in the direct routing table (LRU)
     max_anchors: int = 100_000  # anchors in the subscriber cache (LRU)
     max_dedup_per_origin: int = 1_000_000  # received QoS 1 ids remembered per origin
-    watch_ttl: float = 120.0  # TTL of this node's watch records (anchors it publishes under)
-    max_notify: int = 256  # watchers a changed record is pushed to
     log_interval: float = 10.0  # at most one log line per node and event kind per this (s)
     provider_ttl: float = 30.0  # cached provider lists (s)
     max_call_attempts: int = 3  # providers tried per call
@@ -203,6 +204,7 @@ class Mesh(WireHandler):
             realm=cfg.network, realm_secret=cfg.network_secret, client_mode=cfg.client_mode,
             advertise=cfg.advertise)
         self.dht = Dht(endpoint=self.endpoint, config=cfg.dht)
+        self.dht.on_key_changed = self._key_changed
         self.advertiser = Advertiser(node_id=self.node_id, endpoint=None,
                                      record_ttl=cfg.record_ttl,
                                      min_interval=cfg.advert_interval,
@@ -229,8 +231,8 @@ class Mesh(WireHandler):
         self._out: dict[bytes, dict[str, list[bytes]]] = {}
         # (origin, its incarnation) -> (acknowledged ids, refused ids)
         self._acks: dict[tuple[bytes, int], tuple[list[int], list[int]]] = {}
-        # anchors this node publishes under, per realm: when its watch record was put
-        self._watching: dict[tuple[str, str], float] = {}
+        # DHT keys of the anchors this node reads (and watches): key -> (realm, anchor)
+        self._watched: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
         self._logged: TTLCache[tuple[bytes, str], bool] = TTLCache(10_000, cfg.log_interval)
         self._flush_handle: asyncio.Handle | None = None
         # PUB frames waiting for room on a link, per node (bounded: max_backlog bytes)
@@ -248,6 +250,7 @@ class Mesh(WireHandler):
         self._tasks: set[asyncio.Future[Any]] = set()
         self._checking: set[bytes] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._grace_until = 0.0  # see MeshConfig.restore_grace
         self._timer: asyncio.TimerHandle | None = None
         self._running = False
         self.lookup_times: deque[float] = deque(maxlen=1024)  # discovery latency samples (s)
@@ -264,7 +267,8 @@ class Mesh(WireHandler):
                   "relayed_total", "relay_refused_total", "congested_total",
                   "dht_put_failures_total", "peers_lost_total", "peers_back_total",
                   "notify_sent_total", "notify_received_total", "qos1_refused_by_peer_total",
-                  "peers_restarted_total"):
+                  "peers_restarted_total", "qos1_refused_starting_total",
+                  "notify_unwatched_total"):
             self.counters[k] = 0
         self.drops: Counter[str] = Counter()
 
@@ -285,6 +289,7 @@ class Mesh(WireHandler):
         await self.dht.start()
         self.advertiser.endpoint = self.endpoint.listen_address
         self._running = True
+        self._grace_until = self._loop.time() + self.config.restore_grace
         self._timer = self._loop.call_later(self.config.tick, self._on_tick)
 
     async def join(self, seeds: list[tuple[str, int]] | None = None) -> int:
@@ -679,10 +684,13 @@ class Mesh(WireHandler):
 
     async def _lookup_one(self, realm: str, d: Discovery[Any], anchor: str) -> None:
         t0 = self._now()
-        if (realm, anchor) not in self._watching:
-            await self._watch(realm, anchor)  # before reading: see _advertise
+        key = dht_key(realm, "sub", anchor)
+        self._watched[key] = (realm, anchor)
+        self._watched.move_to_end(key)
+        while len(self._watched) > 4 * self.config.max_anchors:
+            self._watched.popitem(last=False)
         try:
-            values = await self.dht.get(dht_key(realm, "sub", anchor))
+            values = await self.dht.get(key, watch=True)
         except (LinkError, OSError, asyncio.TimeoutError, RuntimeError):
             self.counters["dht_lookup_failures_total"] += 1
             released = d.lookup_failed(anchor, self._now())
@@ -747,12 +755,11 @@ class Mesh(WireHandler):
         if self.config.client_mode:
             self._keep_via()
         for put in self.advertiser.take_puts(now):
-            self._spawn(self._advertise(put))
+            self._spawn(self._put(dht_key(put.realm, "sub", put.anchor), put.value, put.ttl))
         for realm, d in self._disc.items():
             d.tick(now)
             self._start_lookups(realm, d)
         self._outbox_upkeep(now)
-        self._watch_upkeep(now)
         self._timer = self._loop.call_later(self.config.tick, self._on_tick)
 
     def _outbox_upkeep(self, now: float) -> None:
@@ -818,75 +825,57 @@ class Mesh(WireHandler):
             return True
         return False
 
-    # -- pushing changes to the nodes that publish under an anchor ------------------------
+    # -- pushed changes ---------------------------------------------------------------------
     #
-    # A publishing node puts a *watch record* under dht_key(realm, "watch", anchor) for
-    # every anchor it uses BEFORE its first lookup of it; a subscribing node pushes every
-    # new version of its record to the watchers it finds AFTER its put completed (NOTIFY).
-    # Each side writes, then reads: whichever came second sees the other, so a change is
-    # never missed by a node that already watches (docs/MESH.md, "Discovery").
+    # A publishing node reads an anchor's records with ``watch``: every DHT node that
+    # answered (this one included) tells it of each later change of a record it holds there
+    # (``DhtCore`` "watches": registered in the same step as the answer, so no change is
+    # missed in between) for ``watch_ttl`` seconds; the refresh of answers in use renews it.
+    # The news travels as NOTIFY ``[key, publisher, record]`` from the DHT node that stored
+    # the change to each watcher, which applies the record if it is newer than what it knows.
 
-    async def _advertise(self, put: Put) -> None:
-        if not await self._put(dht_key(put.realm, "sub", put.anchor), put.value, put.ttl):
-            return
-        if not put.changed:
-            return
-        try:
-            values = await self.dht.get(dht_key(put.realm, "watch", put.anchor))
-        except (LinkError, OSError, asyncio.TimeoutError, RuntimeError):
-            self.counters["dht_lookup_failures_total"] += 1
-            return
-        payload = _enc.encode((put.realm, put.anchor, put.value))
-        sent = 0
-        for v in values:
-            w = _decode_watch(v)
-            if w is None:
-                self.counters["bad_records_total"] += 1
+    def _key_changed(self, change: KeyChanged) -> None:
+        payload: bytes | None = None
+        for c in change.watchers:
+            if c.node_id == self.node_id:
+                self._apply_change(change.key, change.publisher, change.value, None)
                 continue
-            node, endpoint, via = w
-            if node == self.node_id:
-                continue
-            if sent >= self.config.max_notify:
-                self.drops["notify_limit"] += 1
-                continue
-            self._learn(node, endpoint, via)
-            if self._send_to(node, KIND_NOTIFY, payload):
-                sent += 1
+            if payload is None:
+                payload = _enc.encode((change.key, change.publisher, change.value))
+            if c.host:
+                self._learn(c.node_id, (c.host, c.port))
+            if self._send_to(c.node_id, KIND_NOTIFY, payload):
+                self.counters["notify_sent_total"] += 1
             else:
                 self.drops["notify_unreachable"] += 1
-        self.counters["notify_sent_total"] += sent
 
-    async def _watch(self, realm: str, anchor: str) -> None:
-        """Put (or renew) this node's watch record for ``anchor``."""
-        self._watching[(realm, anchor)] = self._now()
-        value = _enc.encode((self.node_id, self.endpoint.listen_address, self.via))
-        await self._put(dht_key(realm, "watch", anchor), value, self.config.watch_ttl)
-
-    def _watch_upkeep(self, now: float) -> None:
-        """Renew the watch records of anchors still in use (every ``watch_ttl / 2``); an
-        anchor no longer in use is left to expire."""
-        renew = self.config.watch_ttl / 2
-        for (realm, anchor), at in list(self._watching.items()):
-            if now - at < renew:
-                continue
-            d = self._disc.get(realm)
-            if d is None or not d.in_use(anchor, now):
-                del self._watching[(realm, anchor)]
-                continue
-            self._spawn(self._watch(realm, anchor))
-
-    def _on_notify(self, origin: bytes, payload: bytes, link: PeerLink) -> None:
-        realm, anchor, value = _NOTIFY_DEC.decode(payload)
-        adv = decode_advert(value)
-        if adv is None or adv.node_id != origin:
-            self._refuse(link, KIND_NOTIFY, "a NOTIFY must hold its sender's own record")
+    def _apply_change(self, key: bytes, publisher: bytes, value: bytes,
+                      link: PeerLink | None) -> None:
+        where = self._watched.get(key)
+        if where is None:
+            self.counters["notify_unwatched_total"] += 1  # not in use here any more
+            return
+        adv = decode_advert(value) if value else None
+        if adv is None or adv.node_id != publisher:
+            if link is not None:
+                self._refuse(link, KIND_NOTIFY, "a NOTIFY must hold a record of its publisher")
+            return
+        if adv.node_id == self.node_id:
+            return
+        gone = self._shut.get(adv.node_id)
+        if gone is not None and adv.incarnation <= gone:
             return
         self.counters["notify_received_total"] += 1
         self._learn(adv.node_id, adv.endpoint, adv.via)
-        self._saw_incarnation(origin, adv.incarnation)
+        self._saw_incarnation(adv.node_id, adv.incarnation)
+        realm, anchor = where
         d = self._disc.get(realm)
         if d is not None:
             d.apply_advert(anchor, adv, self._now())
+
+    def _on_notify(self, origin: bytes, payload: bytes, link: PeerLink) -> None:
+        key, publisher, value = _NOTIFY_DEC.decode(payload)
+        self._apply_change(key, publisher, value, link)
 
     # -- the wire -------------------------------------------------------------------------
 
@@ -1057,10 +1046,17 @@ class Mesh(WireHandler):
                     acked.append(mid)
                 continue
             if mid:
+                if not hit and not groups and now < self._grace_until:
+                    # just started: this node's clients may still be reconnecting and
+                    # subscribing again; the sender keeps the message and tries later
+                    inbox.refused(st, mid)
+                    self._acks_for(origin, inc)[1].append(mid)
+                    self.counters["qos1_refused_starting_total"] += 1
+                    continue
                 broker.inject(realm, topic, data, 1, groups, _Ack(self, origin, inc, mid, st))
             elif hit or groups:
                 broker.inject(realm, topic, data, 0, groups)
-        if nomatch:
+        if nomatch and now >= self._grace_until:  # (not while clients may still come back)
             self.counters["nomatch_sent_total"] += len(nomatch)
             self._send_to(origin, KIND_NOMATCH, _enc.encode((realm, nomatch)))
 
@@ -1206,22 +1202,6 @@ class Mesh(WireHandler):
 def _qos1_entry(mid: int, body: bytes, groups_enc: bytes) -> bytes:
     """A PUB entry ``[mid, topic, payload, groups]`` from the pre-encoded parts."""
     return b"\x94" + p.pack_uint(mid) + body + groups_enc
-
-
-_WATCH_DEC = msgspec.msgpack.Decoder(
-    tuple[bytes, tuple[str, int] | None, tuple[bytes, tuple[str, int]] | None])
-
-
-def _decode_watch(value: bytes) -> tuple[bytes, tuple[str, int] | None,
-                                         tuple[bytes, tuple[str, int]] | None] | None:
-    """A watch record: (node id, endpoint, relay); None if malformed."""
-    try:
-        node, endpoint, via = _WATCH_DEC.decode(value)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    if len(node) != 32 or (via is not None and len(via[0]) != 32):
-        return None
-    return node, endpoint, via
 
 
 class _Ack:
