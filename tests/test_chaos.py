@@ -31,8 +31,8 @@ pytestmark = pytest.mark.chaos
 # Short runs: 500 msg/s (2 cores shared by three nodes, the clients and the harness),
 # 1.5 s of traffic before the fault, 5 s after, up to 6 s to drain.
 SUBSET = {
-    "resubscribe": chaos.Settings(rate=500, pre=1.5, post=5.0, drain=6.0, duration=0.5),
-    "sigstop": chaos.Settings(rate=500, pre=1.5, post=5.0, drain=6.0, duration=10.0),
+    "resubscribe": chaos.Settings(rate=500, pre=2.0, post=5.0, drain=6.0, duration=0.5),
+    "sigstop": chaos.Settings(rate=500, pre=2.0, post=5.0, drain=6.0, duration=10.0),
 }
 
 
@@ -118,4 +118,6 @@ def test_accounting() -> None:
     assert r.received_unacknowledged == 1
     assert r.resume == pytest.approx(0.5)  # seq 8 arrived at 104.5, 0.5 s after the end
     assert r.fault == {"start": 2.0, "end": 4.0}
+    assert r.latency_p50_ms == pytest.approx(100.0)  # seqs 0 and 2: 10 and 100 ms
+    assert r.fault_latency_p50_ms == pytest.approx(100.0)  # seq 5 (the only one received)
     assert any("1 out of range" in e for e in r.events)

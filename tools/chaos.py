@@ -55,7 +55,7 @@ from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 PREFIX: Final = "mchaos"  # every namespace and temporary directory starts with it
 SUBNET: Final = "10.213.0"  # node i is 10.213.0.<i>/24, inside its namespace only
@@ -493,8 +493,10 @@ class Result:
     not_owed: int = 0  # published while the subscriber had no subscription
     not_owed_received: int = 0
     received_unacknowledged: int = 0
-    latency_p50_ms: float | None = None
+    latency_p50_ms: float | None = None  # publish -> first receipt, published before the fault
     latency_p99_ms: float | None = None
+    fault_latency_p50_ms: float | None = None  # the same, published during the fault
+    fault_latency_p99_ms: float | None = None
     fault: dict[str, float] = field(default_factory=dict)  # start/end since traffic start
     subscriber_session: str = "open"
     client_log: dict[str, int] = field(default_factory=dict)  # the clients' log lines, counted
@@ -589,7 +591,7 @@ class Run:
                 raise ChaosError(f"no probe crossed the mesh from node 1 to node "
                                  f"{self.sub_node} within {self.s.warmup_timeout:g} s")
             await self.pub.publish(TOPIC, PROBE, qos=1, timeout=self.s.puback_timeout)
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.warm.wait(), 0.2)
 
     # -- traffic --------------------------------------------------------------------------
@@ -612,7 +614,7 @@ class Run:
                     TOPIC, payload(seq), qos=1, timeout=self.s.puback_timeout))
                 self.inflight.add(fut)
                 fut.add_done_callback(lambda f, seq=seq: self._puback(seq, f))
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.005)
 
     def _puback(self, seq: int, fut: asyncio.Future[Any]) -> None:
@@ -687,7 +689,8 @@ class Run:
                    run_id=self.topo.run_id)
         refused: Counter[str] = Counter()
         lost_by_phase: Counter[str] = Counter()
-        lat = []
+        lat: list[float] = []
+        fault_lat: list[float] = []
         resume_at: float | None = None
         for s in range(led.sent):
             out = led.outcome[s]
@@ -700,6 +703,8 @@ class Run:
                     r.duplicated += 1
                 if t < self.fault_start:
                     lat.append(led.first_recv[s] - t)
+                elif t < self.fault_end:
+                    fault_lat.append(led.first_recv[s] - t)
                 if t >= self.fault_end and (resume_at is None or led.first_recv[s] < resume_at):
                     resume_at = led.first_recv[s]
             if not self.owed(s):
@@ -726,10 +731,8 @@ class Run:
         r.refused = dict(refused)
         r.lost_by_phase = {k: lost_by_phase.get(k, 0) for k in ("before", "during", "after")}
         r.resume = None if resume_at is None else round(resume_at - self.fault_end, 3)
-        if lat:
-            lat.sort()
-            r.latency_p50_ms = round(lat[len(lat) // 2] * 1000, 2)
-            r.latency_p99_ms = round(lat[int(len(lat) * 0.99)] * 1000, 2)
+        r.latency_p50_ms, r.latency_p99_ms = _percentiles_ms(lat)
+        r.fault_latency_p50_ms, r.fault_latency_p99_ms = _percentiles_ms(fault_lat)
         r.fault = {"start": round(self.fault_start - self.t0, 3),
                    "end": round(self.fault_end - self.t0, 3)}
         r.subscriber_session = self.session_end or "open"
@@ -740,6 +743,14 @@ class Run:
             r.events.append(f"unexpected payloads: {led.foreign} foreign, "
                             f"{led.out_of_range} out of range")
         return r
+
+
+def _percentiles_ms(xs: list[float]) -> tuple[float | None, float | None]:
+    """p50 and p99 of ``xs`` (seconds) in ms; (None, None) when empty."""
+    if not xs:
+        return None, None
+    xs.sort()
+    return round(xs[len(xs) // 2] * 1000, 2), round(xs[int(len(xs) * 0.99)] * 1000, 2)
 
 
 def _summary_counters(stats: dict[str, Any]) -> dict[str, Any]:
@@ -899,7 +910,7 @@ async def run_scenario_async(name: str, settings: Settings) -> Result:
     budget = run_budget(name, settings, duration)
     try:
         await asyncio.wait_for(_drive(run, scenario, duration), budget)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin before Python 3.11
         error = f"the run overran its budget of {budget:.0f} s"
     except ChaosError as exc:
         error = str(exc)
@@ -968,18 +979,25 @@ def _median(values: Iterable[float | None]) -> float | None:
     return None if m == float("inf") else m
 
 
+def _count(v: float | None) -> int | None:
+    return None if v is None else int(v)
+
+
 def summarize(results: list[Result]) -> dict[str, Any]:
     ok = [r for r in results if r.error is None]
     out: dict[str, Any] = {"runs": len(results), "failed_runs": len(results) - len(ok)}
     if not ok:
         return out
     for key in ("sent", "acknowledged", "received", "lost", "duplicated", "not_owed",
-                "no_subscribers_lost", "latency_p50_ms"):
+                "no_subscribers_lost"):
+        out[key] = _count(_median(getattr(r, key) for r in ok))
+    for key in ("latency_p50_ms", "fault_latency_p99_ms"):
         out[key] = _median(getattr(r, key) for r in ok)
     out["resume"] = _median(r.resume for r in ok)
-    out["refused"] = _median(sum(r.refused.values()) for r in ok)
+    out["refused"] = _count(_median(sum(r.refused.values()) for r in ok))
     reasons = sorted({k for r in ok for k in r.refused})
-    out["refused_by_reason"] = {k: _median(r.refused.get(k, 0) for r in ok) for k in reasons}
+    out["refused_by_reason"] = {k: _count(_median(r.refused.get(k, 0) for r in ok))
+                                for k in reasons}
     out["lost_per_run"] = [r.lost for r in ok]
     out["duplicated_per_run"] = [r.duplicated for r in ok]
     out["resume_per_run"] = [r.resume for r in ok]
@@ -994,10 +1012,10 @@ def _fmt(v: float | None, unit: str = "") -> str:
     return f"{v:.2f}{unit}" if unit else f"{v:,.1f}"
 
 
-def print_result(r: Result, index: int, runs: int, verbose: bool) -> None:
+def print_result(r: Result, index: int, runs: int, verbose: bool, file: TextIO) -> None:
     head = f"-- {r.scenario} run {index}/{runs} ({r.wall_seconds:.0f} s)"
     if r.error is not None:
-        print(f"{head}: FAILED: {r.error}", flush=True)
+        print(f"{head}: FAILED: {r.error}", file=file, flush=True)
     else:
         lost = ", ".join(f"{k} {v}" for k, v in r.lost_by_phase.items())
         refused = ", ".join(f"{k} {v:,}" for k, v in r.refused.items()) or "none"
@@ -1011,35 +1029,38 @@ def print_result(r: Result, index: int, runs: int, verbose: bool) -> None:
               f"{r.no_subscribers_lost:,}\n"
               f"   not owed (unsubscribed) {r.not_owed:,} (received {r.not_owed_received:,})"
               f"  latency before the fault p50/p99 {_fmt(r.latency_p50_ms, ' ms')}/"
-              f"{_fmt(r.latency_p99_ms, ' ms')}  subscriber session: {r.subscriber_session}",
-              flush=True)
+              f"{_fmt(r.latency_p99_ms, ' ms')}, of those published during it "
+              f"{_fmt(r.fault_latency_p50_ms, ' ms')}/{_fmt(r.fault_latency_p99_ms, ' ms')}\n"
+              f"   subscriber session: {r.subscriber_session}",
+              file=file, flush=True)
         for line, count in r.client_log.items():
-            print(f"   client log x{count}: {line}", flush=True)
+            print(f"   client log x{count}: {line}", file=file, flush=True)
         for node, c in r.counters.items():
-            print(f"   {node}: {json.dumps(c, sort_keys=True)}", flush=True)
+            print(f"   {node}: {json.dumps(c, sort_keys=True)}", file=file, flush=True)
     if verbose or r.error is not None:
         for e in r.events:
-            print(f"      {e}", flush=True)
+            print(f"      {e}", file=file, flush=True)
 
 
-def print_table(summary: dict[str, dict[str, Any]], settings: Settings, runs: int) -> None:
+def print_table(summary: dict[str, dict[str, Any]], settings: Settings, runs: int,
+                file: TextIO) -> None:
     print(f"\nmacula chaos: {settings.nodes} nodes, QoS 1, {settings.rate:g} msg/s, "
           f"medians of {runs} run(s); resume = time from the end of the fault until the first "
-          "message published after it ended is received")
+          "message published after it ended is received", file=file)
     print("| scenario | sent | acknowledged | refused | received | acknowledged but lost "
           "| duplicates seen by the app | delivery resumes after the fault ends | lost per run "
-          "| NO_SUBSCRIBERS while subscribed, lost | failed runs |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+          "| NO_SUBSCRIBERS while subscribed, lost | failed runs |", file=file)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|", file=file)
     for name, m in summary.items():
         what = title(SCENARIOS[name], settings)
         if "sent" not in m:
-            print(f"| {what} | | | | | | | | | | {m['failed_runs']} |")
+            print(f"| {what} | | | | | | | | | | {m['failed_runs']} |", file=file)
             continue
         print(f"| {what} | {_fmt(m['sent'])} | {_fmt(m['acknowledged'])} | "
               f"{_fmt(m['refused'])} | "
               f"{_fmt(m['received'])} | {_fmt(m['lost'])} | {_fmt(m['duplicated'])} | "
               f"{_fmt(m['resume'], ' s')} | {m['lost_per_run']} | "
-              f"{_fmt(m['no_subscribers_lost'])} | {m['failed_runs']} |")
+              f"{_fmt(m['no_subscribers_lost'])} | {m['failed_runs']} |", file=file)
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -1065,7 +1086,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="loss scenario: percent of packets dropped each way")
     ap.add_argument("--restarts", type=int, default=d.restarts,
                     help="restart-third: restarts of node 2 within the fault duration")
-    ap.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON document (every run, the medians) on stdout at the "
+                         "end; the rest goes to stderr")
     ap.add_argument("--verbose", action="store_true", help="print each run's timeline")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     ap.add_argument("--cleanup", action="store_true",
@@ -1122,16 +1145,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = args.scenario or list(SCENARIOS)
     import macula
 
+    human = sys.stderr if args.json else sys.stdout  # --json: stdout is the JSON alone
     print(f"macula {macula.__version__} from {_macula_root()}; client reconnects by itself: "
-          f"{'yes' if client_reconnects() else 'no'}", flush=True)
+          f"{'yes' if client_reconnects() else 'no'}", file=human, flush=True)
     all_results: dict[str, list[Result]] = {}
-    for name in names:
-        for i in range(1, args.runs + 1):
-            r = run_scenario(name, settings)
-            all_results.setdefault(name, []).append(r)
-            print_result(r, i, args.runs, args.verbose)
+    try:
+        for name in names:
+            for i in range(1, args.runs + 1):
+                r = run_scenario(name, settings)
+                all_results.setdefault(name, []).append(r)
+                print_result(r, i, args.runs, args.verbose, human)
+    except KeyboardInterrupt:
+        _teardown_all()
+        print("chaos: interrupted; its namespaces and processes are removed", file=sys.stderr)
+        return 130
     summary = {name: summarize(rs) for name, rs in all_results.items()}
-    print_table(summary, settings, args.runs)
+    print_table(summary, settings, args.runs, human)
     if args.json:
         print(json.dumps({"settings": asdict(settings), "summary": summary,
                           "runs": {n: [asdict(r) for r in rs] for n, rs in all_results.items()}},
