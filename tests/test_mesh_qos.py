@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from macula.mesh.qos import Inbox, Outbox
+from macula.mesh.qos import Inbox, MessageIds, Outbox
 
 A = b"\x01" * 32
 
@@ -71,6 +71,22 @@ def test_a_refused_message_stays_and_the_low_mark_follows_acknowledgements() -> 
     assert out.due(1.5) == ([(2, "1")], [])
     out.ack([2, 4])
     assert out.low() == 5 and len(out) == 0  # nothing in flight: the next id
+
+
+def test_outboxes_of_one_incarnation_never_give_an_id_twice() -> None:
+    """An outbox dropped (its node gone, nothing in flight) and made again for the same
+    node must go on from where the ids were: the receiver forgot the ids below the low
+    mark it was told and takes any of them for a repeat."""
+    ids = MessageIds()
+    first: Outbox[str] = Outbox(ids=ids)
+    assert [first.send(x, 1, 0) for x in "ab"] == [1, 2]
+    first.ack([1, 2])
+    assert first.low() == 3
+    again: Outbox[str] = Outbox(ids=ids)  # the same node, later
+    assert again.low() == 3 and again.send("c", 1, 0) == 3
+    inbox = Inbox()
+    st = inbox.origin(A, 1, 3)  # the receiver was told "below 3 is done"
+    assert st is not None and inbox.accept(st, 3)  # a new message, delivered
 
 
 def test_the_inbox_delivers_each_message_once_per_incarnation() -> None:

@@ -43,18 +43,30 @@ class _Entry(Generic[T]):
     deadline: float
 
 
+class MessageIds:
+    """Message ids of one incarnation, shared by all its outboxes: an outbox dropped and
+    made again for the same node never gives an id twice (the receiver forgets ids below
+    the low mark and would take a re-used one for a repeat)."""
+
+    __slots__ = ("next",)
+
+    def __init__(self) -> None:
+        self.next = 1
+
+
 class Outbox(Generic[T]):
     """Unacknowledged QoS 1 messages to one remote node."""
 
     def __init__(self, *, ack_timeout: float = 1.0, ttl: float = 300.0,
-                 max_inflight: int = 100_000, max_bytes: int = 64 << 20) -> None:
+                 max_inflight: int = 100_000, max_bytes: int = 64 << 20,
+                 ids: MessageIds | None = None) -> None:
         if ack_timeout <= 0 or ttl <= 0 or max_inflight < 1 or max_bytes < 1:
             raise ValueError("ack_timeout > 0, ttl > 0, max_inflight >= 1, max_bytes >= 1")
         self.ack_timeout = ack_timeout
         self.ttl = ttl
         self.max_inflight = max_inflight
         self.max_bytes = max_bytes
-        self._next_mid = 1
+        self._ids = ids or MessageIds()
         # in deadline order (sent in time order; a re-sent entry moves to the end)
         self._inflight: OrderedDict[int, _Entry[T]] = OrderedDict()
         self._order: deque[int] = deque()  # ids in send order (acknowledged ones lazily)
@@ -71,8 +83,9 @@ class Outbox(Generic[T]):
         if len(self._inflight) >= self.max_inflight or self.bytes + size > self.max_bytes:
             self.counters["refused"] += 1
             return None
-        mid = self._next_mid
-        self._next_mid += 1
+        ids = self._ids
+        mid = ids.next
+        ids.next = mid + 1
         self._inflight[mid] = _Entry(item, size, now, now + self.ack_timeout)
         self._order.append(mid)
         self.bytes += size
@@ -111,7 +124,7 @@ class Outbox(Generic[T]):
         inflight = self._inflight
         while order and order[0] not in inflight:
             order.popleft()
-        return order[0] if order else self._next_mid
+        return order[0] if order else self._ids.next
 
     def due(self, now: float) -> tuple[list[tuple[int, T]], list[T]]:
         """``(resend, expired)``: messages to send again now (same ids), and messages older

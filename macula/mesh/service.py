@@ -95,7 +95,7 @@ from macula.mesh.kinds import (
     STATUS_BAD_CALL,
     STATUS_UNREACHABLE,
 )
-from macula.mesh.qos import Inbox, OriginState, Outbox
+from macula.mesh.qos import Inbox, MessageIds, OriginState, Outbox
 from macula.wire import (
     LinkError,
     NodeIdentity,
@@ -225,6 +225,7 @@ class Mesh(WireHandler):
         # nodes that shut down: node -> its incarnation (its older records are ignored)
         self._shut: TTLCache[bytes, int] = TTLCache(100_000, cfg.dead_node_ttl)
         self._outboxes: dict[bytes, Outbox[tuple[str, bytes, bytes]]] = {}
+        self._ids = MessageIds()  # QoS 1 message ids of this incarnation, for every node
         self._probed: dict[bytes, float] = {}  # unreachable node -> when it was last dialled
         self.inbox = Inbox(max_per_origin=cfg.max_dedup_per_origin)
         # node -> realm -> entries for the next PUB frame
@@ -494,7 +495,7 @@ class Mesh(WireHandler):
             cfg = self.config
             ob = self._outboxes[node] = Outbox(ack_timeout=cfg.ack_timeout, ttl=cfg.qos1_ttl,
                                                max_inflight=cfg.max_inflight,
-                                               max_bytes=cfg.max_outbox_bytes)
+                                               max_bytes=cfg.max_outbox_bytes, ids=self._ids)
         return ob
 
     def _direct(self, node: bytes, addr: tuple[str, int] | None = None) -> PeerLink | None:
