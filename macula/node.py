@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -179,7 +180,11 @@ class Node:
 
 
 async def run(config: NodeConfig, out: TextIO = sys.stdout) -> int:
-    """Run until SIGINT or SIGTERM; print ``macula node ready ...`` once serving."""
+    """Run until SIGINT or SIGTERM; print ``macula node ready ...`` once serving. Log
+    lines (peers lost, gone, back: docs/MESH.md) go to stderr unless logging is set up."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -151,6 +151,11 @@ def test_a_stopped_subscriber_node_gets_everything_acknowledged_meanwhile(tmp_pa
             dups = {k: v for k, v in got.items() if v > 1}
             assert not dups, sorted(dups)[:10]
             await sub.close()
+            # the operator saw it: one line each, naming the peer
+            peer = mesh[2].node_id[:12]
+            log = mesh[1].stderr_tail(100_000)
+            for what in ("lost", "declared gone", "reachable again"):
+                assert f"peer {peer}" in log and what in log, (what, log[-2000:])
 
         run(mesh, main)
 

@@ -766,14 +766,12 @@ class Mesh(WireHandler):
     def _outbox_upkeep(self, now: float) -> None:
         """Re-send what is due to reachable nodes; for the others only count what expired,
         and dial them now and then (``probe_interval``) so that their return is noticed."""
-        pool = self.endpoint.pool
         for node, ob in list(self._outboxes.items()):
             if not len(ob):
                 if node in self._dead:
                     del self._outboxes[node]
                 continue
-            link = pool.peek(node)
-            if link is not None and link.is_open:
+            if self._reachable(node):
                 resend, expired = ob.due(now)
                 self._queue_resend(node, resend)
             else:
@@ -783,8 +781,22 @@ class Mesh(WireHandler):
                     self._probe(node)
             if expired:
                 self.drops["qos1_expired"] += len(expired)
-                self._log(node, "expired", "%s: QoS 1 messages for peer %s expired "
-                          "unacknowledged", len(expired))
+                self._log(node, "expired", "peer %s: %d QoS 1 messages expired "
+                          "unacknowledged (mesh_qos1_ttl)", len(expired))
+
+    def _reachable(self, node: bytes) -> bool:
+        """Whether a message for ``node`` can leave now: an open link to it, or to the
+        relay of a client-mode node (or the node it was last heard through)."""
+        pool = self.endpoint.pool
+        link = pool.peek(node)
+        if link is not None and link.is_open:
+            return True
+        via = self._vias.get(node)
+        relay = via[0] if via is not None else self._back.get(node)
+        if relay is None or relay == node:
+            return False
+        rl = pool.peek(relay)
+        return rl is not None and rl.is_open
 
     def _probe(self, node: bytes) -> None:
         """Dial ``node`` (with the pool's back-off) unless a dial is already under way: its
