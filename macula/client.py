@@ -330,6 +330,7 @@ class Client:
         self.resend_dropped = 0
         self.lost_while_disconnected = 0
         self._state = _OPENING
+        self._held_pubs = 0  # QoS 1 PUBLISHes waiting for the next session
         self._hello: tuple[str, str, str, int] = ("", "", "", 0)
         self._reconnect_task: asyncio.Task[None] | None = None
         self._attempt: asyncio.Future[None] | None = None
@@ -379,6 +380,9 @@ class Client:
         self._fd = cast(int, sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._on_readable)
         self._loop.add_reader(cast(int, mon.getsockopt(zmq.FD)), self._on_monitor)
+        # ZeroMQ signals its FD only when a pipe goes from empty to readable, and a pipe is
+        # "empty" only once a read found it so: read once now, or the FD never fires.
+        self._on_monitor()
 
     def _close_socket(self) -> None:
         sock, mon = self._sock, self._mon
@@ -558,16 +562,25 @@ class Client:
                     held += 1
                     if held > self.max_resend:
                         self.resend_dropped += 1
+                        entry.sent = True  # not held: not counted in _held_pubs
                         entry.fut.set_exception(ConnectionLost(
                             f"{reason} (QoS 1 PUBLISH not kept: over max_resend "
                             f"{self.max_resend})", reason.code))
             else:
                 entry.fut.set_exception(ConnectionLost(str(reason), reason.code))
+        self._held_pubs = min(held, self.max_resend)
         self._notify(self.on_disconnect, reason)
         self._reconnect_task = asyncio.ensure_future(
             self._reconnect_loop(self.session_id, self.node_incarnation))
 
     async def _reconnect_loop(self, previous: int, incarnation: int) -> None:
+        try:
+            await self._reconnect(previous, incarnation)
+        except Exception as exc:  # a bug or a dead context: say so and stop, never hang
+            log.exception("reconnecting to %s failed", self.endpoint)
+            self._shutdown(ConnectionLost(f"reconnecting failed: {exc!r}", int(Err.INTERNAL)))
+
+    async def _reconnect(self, previous: int, incarnation: int) -> None:
         delay = self.reconnect_min
         while self.closed is None:
             self._open_socket()
@@ -614,6 +627,7 @@ class Client:
                                reg.idempotent, reg.cache_ttl_ms), resend=False)
             restoring.append((rid, reg))
         resent = 0
+        self._held_pubs = 0
         for entry in list(self._pending.values()):
             if not entry.sent and not entry.fut.done():
                 entry.sent = True
@@ -860,16 +874,16 @@ class Client:
     async def _request_mid(self, topic: str, data: bytes, retain: bool,
                            timeout: float) -> p.Puback:
         mid = self._new_id()
-        if self._state != _OPEN and self._held_publishes() >= self.max_resend:
-            self.resend_dropped += 1
-            raise ConnectionLost(f"reconnecting to the node, and {self.max_resend} QoS 1 "
-                                 "PUBLISHes (max_resend) are already held", int(Err.PEER_GONE))
+        if self._state != _OPEN:
+            if self._held_pubs >= self.max_resend:
+                self.resend_dropped += 1
+                raise ConnectionLost(f"reconnecting to the node, and {self.max_resend} QoS 1 "
+                                     "PUBLISHes (max_resend) are already held",
+                                     int(Err.PEER_GONE))
+            self._held_pubs += 1
         return cast(p.Puback, await self._await_reply(
             mid, (14, topic, data, 1, mid, bool(retain)), timeout,
             f"no PUBACK within {timeout} s", None, True))
-
-    def _held_publishes(self) -> int:
-        return sum(1 for e in self._pending.values() if e.command[0] == 14 and not e.sent)
 
     def _add_pending(self, rid: int, on_reply: Callable[[Any], Any] | None,
                      command: tuple[Any, ...], resend: bool, sent: bool = False
@@ -894,7 +908,9 @@ class Client:
             return await fut
         finally:
             timer.cancel()
-            self._pending.pop(rid, None)
+            entry = self._pending.pop(rid, None)
+            if entry is not None and not entry.sent and entry.command[0] == 14:
+                self._held_pubs -= 1  # gave up (timeout) while held
 
     def _check_open(self) -> None:
         if self.closed is not None:
