@@ -86,8 +86,12 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace, **kw: Any) -> Any:
+    import logging
+
     from macula.client import BlockingClient
 
+    # the commands say what happened in their own words (one line each way for sub)
+    logging.getLogger("macula.client").setLevel(logging.ERROR)
     name = args.name or f"macula-{args.command}"
     return BlockingClient(args.endpoint, realm=args.realm, name=name, secret=args.secret,
                           timeout=args.connect_timeout, **kw)

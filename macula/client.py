@@ -36,9 +36,19 @@ How it works, and what it costs:
   it again after its ``ack_timeout`` (at-least-once holds end to end). A QoS 0 EVENT that
   does not fit replaces the oldest queued one (counted in ``Subscription.dropped``).
   Publisher side: ``publish(qos=1)`` waits for the PUBACK and returns its reason.
-- **Heartbeats.** Every ``heartbeat_ms / 2`` the client sends PING if it sent nothing in
-  that time; if it received nothing for ``liveness × heartbeat_ms`` it considers the node
-  gone and closes with :class:`ConnectionClosed` (as it does on BYE from the node).
+- **Heartbeats.** The client asks for ``heartbeat_ms`` 2000 (node default with 0) and sends
+  PING when it sent nothing, or received nothing, for ``heartbeat_ms / 2``; nothing received
+  for ``liveness × heartbeat_ms / 2`` (3 s by default) means the node is gone.
+- **Reconnection** (control/SPEC.md section 4.2). A lost node — the connection closing
+  (a ZeroMQ socket monitor, at once), BYE the client did not ask for, ERROR NOT_WELCOMED
+  (a restarted node reached through ZeroMQ's silent reconnect), or silence — makes the
+  client open a new socket, say HELLO (back-off 0.1 s doubling to ``reconnect_max``, 1 s,
+  with jitter), SUBSCRIBE and REGISTER again onto the same :class:`Subscription` and
+  :class:`Registration` objects, forget the old session's delivery ids, and send again what
+  it held: QoS 1 PUBLISHes without a PUBACK (same ``mid``; at most ``max_resend``) and
+  requests that are safe to repeat. A CALL already sent fails with :class:`ConnectionLost`.
+  ``on_disconnect`` / ``on_reconnect`` report it; ``reconnect=False`` closes instead, and
+  then iterating a subscription raises :class:`ConnectionLost` rather than ending.
 - **RPC.** ``args`` and results are any msgpack-encodable value; they are encoded once by
   the caller and decoded once by the provider (the node passes the bytes through). A
   handler (plain or ``async``) runs on the client's loop; an exception it raises goes back
@@ -582,6 +592,7 @@ class Client:
 
     async def _reconnect(self, previous: int, incarnation: int) -> None:
         delay = self.reconnect_min
+        said = ""
         while self.closed is None:
             self._open_socket()
             attempt: asyncio.Future[Any] = self._loop.create_future()
@@ -595,9 +606,10 @@ class Client:
             failure = hello.exception() if hello in done else None
             hello.cancel()
             self._close_socket()
-            if failure is not None:
+            if failure is not None and str(failure) != said:  # once per kind of refusal
+                said = str(failure)
                 log.warning("reconnecting to %s: %s", self.endpoint, failure)
-            elif not done:
+            if not done:
                 continue  # no WELCOME in time (node down or mute): a fresh connection at once
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.reconnect_max)

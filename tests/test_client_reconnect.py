@@ -244,6 +244,35 @@ def test_not_welcomed_on_the_same_connection_means_reconnect() -> None:
     run(main)
 
 
+def test_a_silent_node_is_left_for_a_new_connection() -> None:
+    """Nothing received for liveness x heartbeat / 2: HELLO again on a new connection."""
+    async def main() -> None:
+        fake = FakeNode()
+        try:
+            lost: list[ConnectionLost] = []
+            connecting = asyncio.ensure_future(Client.connect(
+                fake.endpoint, realm="r", on_disconnect=lost.append))
+            hello = (await fake.recv(10))[0]
+            fake.send([2, hello[1], 7, {"heartbeat_ms": 100, "liveness": 2}, 1])
+            c = await connecting
+            first = fake.ident
+            while True:  # PINGs go unanswered until the client gives up on this connection
+                cmds = await fake.recv(10)
+                if cmds[0][0] == 1:
+                    break
+                assert cmds == [[4, 0]], cmds
+            assert fake.ident != first  # a new connection
+            assert [e.code for e in lost] == [Err.HEARTBEAT_TIMEOUT] and not c.connected
+            fake.send([2, cmds[0][1], 8, {"heartbeat_ms": 60_000, "liveness": 3}, 1])
+            await eventually(lambda: c.connected, 10, what="reconnected")
+            assert c.session_id == 8
+            await c.close(timeout=0.1)
+        finally:
+            fake.close()
+
+    run(main)
+
+
 def test_unacknowledged_qos1_publish_is_resent_with_its_mid_and_calls_fail() -> None:
     async def main() -> None:
         fake = FakeNode()
@@ -328,6 +357,10 @@ def test_macula_sub_keeps_receiving_across_a_node_restart(
             assert pub.publish("t", b"two", qos=1) is PubackReason.OK
         assert out.expect("t ") == "t two\n"
         assert proc.wait(15) == 0
+        lines = err.seen + list(iter(lambda: err.queue.get(timeout=5), ""))
+        assert [ln.split(" (")[0].split(" to ")[0] for ln in lines] == [
+            "macula sub: subscribed", "macula sub: connection lost",
+            "macula sub: reconnected"], lines  # one line each way, nothing else
     finally:
         proc.kill()
         proc.wait()
