@@ -2,17 +2,20 @@
 
 One node process (``python -m macula node``, no mesh, no shards) on an ipc:// endpoint; a
 subscriber Client (QoS 1) and a publisher Client (QoS 1, one message every 10 ms, numbered)
-on it. Each round kills the node, starts a new one on the same endpoint at once and
-measures, from the moment the new node printed its ready line:
+on it. With ``--mesh`` the publisher is on a second node (the mesh on loopback, the
+subscriber's node joining through it, its key kept in a data directory) that is never
+killed. Each round kills the subscriber's node, starts a new one on the same endpoint at
+once and measures, from the moment the new node printed its ready line:
 
 - ``resume``: until the subscriber receives its first message from the new node;
 - ``reconnect``: until the subscriber's ``on_reconnect`` fired (subscriptions restored).
 
 It also counts messages the subscriber's application saw twice (``duplicates``; expected 0)
-and the numbers that never arrived (``lost``: QoS 1 messages the killed node had taken,
-acknowledged, and not yet delivered die with it).
+and those acknowledged OK that never arrived (QoS 1 messages the killed node had taken,
+acknowledged, and not yet delivered die with it; published while the subscriber had no
+session they are answered NO_SUBSCRIBERS and not counted).
 
-    python tools/bench_client_reconnect.py [--rounds 5]
+    python tools/bench_client_reconnect.py [--rounds 5] [--mesh]
 """
 
 from __future__ import annotations
@@ -32,34 +35,47 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from macula.client import Client, Reconnected  # noqa: E402
+from macula.control.protocol import PubackReason  # noqa: E402
 
 
-def start_node(endpoint: str) -> tuple[subprocess.Popen[str], float]:
+def start_node(endpoint: str, *mesh: str) -> tuple[subprocess.Popen[str], float, str]:
+    """A node process; when it is ready, and its mesh address (``off`` without a mesh)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "macula", "node", "--endpoint", endpoint, "--mesh-port", "-1",
-         "--metrics-port", "-1", "--shards", "0"], stdout=subprocess.PIPE, text=True, env=env)
+        [sys.executable, "-m", "macula", "node", "--endpoint", endpoint, "--metrics-port", "-1",
+         "--shards", "0", *(mesh or ("--mesh-port", "-1"))],
+        stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("macula node ready"):
         raise SystemExit(f"the node did not start: {line!r}")
-    return proc, time.monotonic()
+    address = line.split(" mesh=")[1].split()[0]
+    return proc, time.monotonic(), address
 
 
-async def main(rounds: int) -> None:
-    endpoint = f"ipc://{tempfile.mkdtemp(prefix='macula-reconnect-')}/node.sock"
-    node, _ = await asyncio.to_thread(start_node, endpoint)
+async def main(rounds: int, mesh: bool) -> None:
+    tmp = tempfile.mkdtemp(prefix="macula-reconnect-")
+    endpoint = f"ipc://{tmp}/node.sock"
+    pub_endpoint = endpoint
+    sub_mesh: tuple[str, ...] = ()
+    other = None
+    if mesh:
+        pub_endpoint = f"ipc://{tmp}/pub.sock"
+        other, _, address = await asyncio.to_thread(start_node, pub_endpoint, "--mesh-port", "0")
+        sub_mesh = ("--mesh-port", "0", "--seed", address, "--data-dir", f"{tmp}/sub-key")
+    node, _, _ = await asyncio.to_thread(start_node, endpoint, *sub_mesh)
     back: list[float] = []
 
     def on_reconnect(_: Reconnected) -> None:
         back.append(time.monotonic())
 
     sub_c = await Client.connect(endpoint, realm="b", on_reconnect=on_reconnect)
-    pub_c = await Client.connect(endpoint, realm="b")
+    pub_c = await Client.connect(pub_endpoint, realm="b")
     sub = await sub_c.subscribe("seq", qos=1)
     seen: dict[int, int] = {}
     arrivals: list[tuple[float, int]] = []
     sent = 0
+    acked: set[int] = set()  # PUBACK OK: a node took it for a subscriber
     stop = asyncio.Event()
 
     async def publish() -> None:
@@ -67,8 +83,10 @@ async def main(rounds: int) -> None:
         while not stop.is_set():
             n = sent
             sent += 1
-            with contextlib.suppress(Exception):  # counted as lost if it never arrives
-                await pub_c.publish("seq", str(n).encode(), qos=1, timeout=30)
+            with contextlib.suppress(Exception):  # not acknowledged: not counted
+                if await pub_c.publish("seq", str(n).encode(), qos=1,
+                                       timeout=30) is PubackReason.OK:
+                    acked.add(n)
             await asyncio.sleep(0.01)
 
     async def receive() -> None:
@@ -85,11 +103,14 @@ async def main(rounds: int) -> None:
             node.kill()
             node.wait()
             del back[:]
-            node, ready = await asyncio.to_thread(start_node, endpoint)
+            node, ready, _ = await asyncio.to_thread(start_node, endpoint, *sub_mesh)
             deadline = time.monotonic() + 30
             while not any(t > ready for t, _ in arrivals[-50:]):
                 if time.monotonic() > deadline:
-                    raise SystemExit("delivery did not resume within 30 s")
+                    raise SystemExit(
+                        f"delivery did not resume within 30 s (subscriber reconnected: "
+                        f"{bool(back)}, connected: {sub_c.connected}; publisher connected: "
+                        f"{pub_c.connected}; round {len(resumes) + 1})")
                 await asyncio.sleep(0.005)
             first = min(t for t, _ in arrivals[-50:] if t > ready)
             resumes.append(first - ready)
@@ -101,17 +122,25 @@ async def main(rounds: int) -> None:
             t.cancel()
         await sub_c.close()
         await pub_c.close()
-        node.terminate()
-        node.wait()
+        for n in (node, other):
+            if n is not None:
+                n.terminate()
+                n.wait()
     duplicates = sum(c - 1 for c in seen.values() if c > 1)
-    lost = sum(1 for n in range(sent - 50) if n not in seen)  # the last ones may be in flight
+    lost = sum(1 for n in acked if n not in seen)
+    refused = sent - len(acked)
     print(f"rounds {rounds}: resume after node ready: median "
           f"{statistics.median(resumes) * 1000:.0f} ms, max {max(resumes) * 1000:.0f} ms; "
           f"subscriber reconnected: median {statistics.median(reconnects) * 1000:.0f} ms")
-    print(f"messages {sent}, duplicates seen by the application {duplicates}, lost {lost}")
+    print(f"messages {sent}: acknowledged OK {len(acked)} (the others NO_SUBSCRIBERS or failed: "
+          f"{refused}), duplicates seen by the application {duplicates}, acknowledged but "
+          f"never received {lost}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    asyncio.run(main(parser.parse_args().rounds))
+    parser.add_argument("--mesh", action="store_true",
+                        help="the publisher on a second node of a mesh (not killed)")
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, args.mesh))
