@@ -356,7 +356,8 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._subs: dict[int, Subscription] = {}
         self._by_filter: dict[str, Subscription] = {}
-        self._regs: dict[int, Registration] = {}
+        self._regs: dict[int, Registration] = {}  # by the current session's reg_id
+        self._registrations: list[Registration] = []  # what a reconnection restores
         self._seen: set[int] = set()
         self._seen_order: collections.deque[int] = collections.deque()
         self._dedup_size = dedup_size
@@ -622,22 +623,22 @@ class Client:
         """After the new WELCOME: subscribe and register again, then send what was held."""
         self._seen.clear()  # delivery ids are per session
         self._seen_order.clear()
-        restoring: list[tuple[int, Subscription | Registration]] = []
+        restoring: list[tuple[int, asyncio.Future[Any], Subscription | Registration]] = []
         self._subs.clear()
         for sub in list(self._by_filter.values()):
             rid = self._new_id()
-            self._add_pending(rid, functools.partial(self._resubscribed, sub),
-                              (int(Code.SUBSCRIBE), rid, sub.filter, sub.requested_qos),
-                              resend=False)
-            restoring.append((rid, sub))
-        regs = [r for r in self._regs.values() if r.active]
+            fut = self._add_pending(rid, functools.partial(self._resubscribed, sub),
+                                    (int(Code.SUBSCRIBE), rid, sub.filter, sub.requested_qos),
+                                    resend=False)
+            restoring.append((rid, fut, sub))
+        self._registrations = regs = [r for r in self._registrations if r.active]
         self._regs.clear()
         for reg in regs:
             rid = self._new_id()
-            self._add_pending(rid, functools.partial(self._reregistered, reg),
-                              (int(Code.REGISTER), rid, reg.procedure, reg.strategy,
-                               reg.idempotent, reg.cache_ttl_ms), resend=False)
-            restoring.append((rid, reg))
+            fut = self._add_pending(rid, functools.partial(self._reregistered, reg),
+                                    (int(Code.REGISTER), rid, reg.procedure, reg.strategy,
+                                     reg.idempotent, reg.cache_ttl_ms), resend=False)
+            restoring.append((rid, fut, reg))
         resent = 0
         self._held_pubs = 0
         for entry in list(self._pending.values()):
@@ -653,18 +654,19 @@ class Client:
                                  len(regs), resent)
         self._spawn(self._restored(restoring, info))
 
-    async def _restored(self, restoring: list[tuple[int, Subscription | Registration]],
-                        info: Callable[[], Reconnected]) -> None:
+    async def _restored(
+            self, restoring: list[tuple[int, asyncio.Future[Any], Subscription | Registration]],
+            info: Callable[[], Reconnected]) -> None:
         """Wait for the SUBACKs and REGISTEREDs, then report the reconnection. One the new
         session refuses ends that subscription (its iterator raises the RemoteError) or
         drops that registration, and goes to ``on_error``."""
-        futs = [self._pending[rid].fut for rid, _ in restoring]
-        results = await asyncio.gather(*futs, return_exceptions=True)
-        for rid, _ in restoring:
+        results = await asyncio.gather(*(fut for _, fut, _ in restoring),
+                                       return_exceptions=True)
+        for rid, _, _ in restoring:
             self._pending.pop(rid, None)
         if any(isinstance(r, ConnectionClosed) for r in results) or not self.connected:
             return  # lost again meanwhile: the next reconnection restores
-        for (_, what), result in zip(restoring, results, strict=True):
+        for (_, _, what), result in zip(restoring, results, strict=True):
             if isinstance(result, RemoteError):
                 if isinstance(what, Subscription):
                     self._by_filter.pop(what.filter, None)
@@ -829,10 +831,13 @@ class Client:
         ttl_ms = int(cache_ttl * 1000)
         def on_registered(reply: p.Registered) -> Registration:
             reg = self._regs.get(reply.reg_id)
-            if reg is None or reg.procedure != procedure:
+            if reg is None or reg.procedure != procedure or not reg.active:
                 reg = Registration(procedure, reply.reg_id, handler, strategy, idempotent,
                                    ttl_ms)
                 self._regs[reg.reg_id] = reg
+                self._registrations.append(reg)
+            else:  # the same procedure again: the node kept its reg_id; the new handler wins
+                reg.handler = handler
             return reg
 
         return cast(Registration, await self._request(
@@ -843,6 +848,8 @@ class Client:
         """UNREGISTER; whether the node had it. Not restored after a reconnect."""
         self._check_open()
         reg.active = False
+        if reg in self._registrations:
+            self._registrations.remove(reg)
         if self._state != _OPEN:  # the next session never gets it
             return self._regs.pop(reg.reg_id, None) is reg
         try:

@@ -273,6 +273,35 @@ def test_a_silent_node_is_left_for_a_new_connection() -> None:
     run(main)
 
 
+def test_a_loss_during_the_restore_restores_everything_on_the_next_session() -> None:
+    async def main() -> None:
+        fake = FakeNode()
+        try:
+            back: list[Reconnected] = []
+            connecting = asyncio.ensure_future(Client.connect(
+                fake.endpoint, realm="r", on_reconnect=back.append))
+            await _fake_session(fake, 7)
+            c = await connecting
+            registering = asyncio.ensure_future(c.register("p", lambda _: 1))
+            reg_cmd = (await fake.recv())[0]
+            fake.send([21, reg_cmd[1], 3])
+            reg = await registering
+            for session in (8, 9):
+                fake.send([6, int(Err.SHUTDOWN), "node shutting down"])
+                await _fake_session(fake, session)
+                again = await fake.recv()
+                assert [cmd[:3] for cmd in again] == [[20, again[0][1], "p"]], again
+            fake.send([21, again[0][1], 4])  # only the third session answers
+            await eventually(lambda: back, 10, what="on_reconnect")
+            assert [b.session_id for b in back] == [9] and back[0].registrations == 1
+            assert reg.reg_id == 4 and c._regs == {4: reg}
+            await c.close(timeout=0.1)
+        finally:
+            fake.close()
+
+    run(main)
+
+
 def test_unacknowledged_qos1_publish_is_resent_with_its_mid_and_calls_fail() -> None:
     async def main() -> None:
         fake = FakeNode()
