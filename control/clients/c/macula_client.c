@@ -61,6 +61,7 @@ struct mcl_client {
     uint64_t hello_rid;
     int64_t attempt_ms, next_attempt_ms;
     int backoff_ms;
+    uint32_t rng; /* jitter of the back-off (per client: not the application's rand()) */
     unsigned reconnects;
     int restore_slot; /* registration being restored (REGISTERED updates it), or -1 */
     mcl_connection_fn on_connection;
@@ -409,13 +410,13 @@ static int wait_reply(mcl_client *c, uint64_t id, int code, int timeout_ms) {
     int64_t deadline = now_ms() + timeout_ms;
     while (rc == 0 && c->got == 0 && !c->closed && (!c->lost || (id && id == c->hello_rid))) {
         int64_t left = deadline - now_ms();
-        if (left <= 0) {
+        rc = receive_one(c, left > 0 ? (int)left : 0); /* at least one look, even at 0 ms */
+        if (rc > 0) {
+            rc = mcl_flush(c); /* ACKs and YIELDs produced while waiting */
+        } else if (rc == 0 && left <= 0) {
             rc = fail(c, MCL_ETIMEOUT, "no reply within %d ms", timeout_ms);
             break;
         }
-        rc = receive_one(c, (int)left);
-        if (rc > 0)
-            rc = mcl_flush(c); /* ACKs and YIELDs produced while waiting */
     }
     c->want_id = 0;
     c->want_code = 0;
@@ -504,9 +505,7 @@ static int heal(mcl_client *c, int64_t deadline) {
         }
         int64_t until = c->attempt_ms + ATTEMPT_MS < deadline ? c->attempt_ms + ATTEMPT_MS
                                                               : deadline;
-        if (until <= now)
-            return fail(c, MCL_ELOST, "connection lost; reconnecting");
-        int rc = wait_reply(c, c->hello_rid, WELCOME, (int)(until - now));
+        int rc = wait_reply(c, c->hello_rid, WELCOME, until > now ? (int)(until - now) : 0);
         if (rc == 0) {
             c->lost = 0;
             c->hello_rid = 0;
@@ -527,11 +526,15 @@ static int heal(mcl_client *c, int64_t deadline) {
                 c->on_connection(c->connection_user, 1, "reconnected");
             return 0;
         }
-        if (rc == MCL_ETIMEOUT || (rc == MCL_ELOST && c->hello_rid))
+        if (rc == MCL_ETIMEOUT || (rc == MCL_ELOST && c->hello_rid)) {
+            if (now_ms() >= deadline) /* the HELLO stays pending for the next call */
+                return fail(c, MCL_ELOST, "connection lost; reconnecting");
             continue;
+        }
         /* refused (an ERROR to HELLO) or the attempt's connection closed: back off */
         c->hello_rid = 0;
-        c->next_attempt_ms = now_ms() + c->backoff_ms / 2 + rand() % (c->backoff_ms + 1);
+        c->rng ^= c->rng << 13, c->rng ^= c->rng >> 17, c->rng ^= c->rng << 5; /* xorshift32 */
+        c->next_attempt_ms = now_ms() + c->backoff_ms / 2 + c->rng % (unsigned)(c->backoff_ms + 1);
         c->backoff_ms = c->backoff_ms * 2 < RECONNECT_MAX_MS ? c->backoff_ms * 2
                                                               : RECONNECT_MAX_MS;
     }
@@ -560,6 +563,9 @@ mcl_client *mcl_connect(const char *endpoint, const char *realm, const char *nam
     c->liveness = 3;
     c->reconnect = 1;
     c->restore_slot = -1;
+    c->rng = (uint32_t)now_ms() ^ (uint32_t)(uintptr_t)c ^ 0x9e3779b9u;
+    if (!c->rng)
+        c->rng = 1;
     c->endpoint = dup_str(endpoint);
     c->realm = dup_str(realm);
     c->name = dup_str(name);
