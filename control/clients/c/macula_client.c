@@ -411,10 +411,11 @@ static int wait_reply(mcl_client *c, uint64_t id, int code, int timeout_ms) {
     while (rc == 0 && c->got == 0 && !c->closed && (!c->lost || (id && id == c->hello_rid))) {
         int64_t left = deadline - now_ms();
         rc = receive_one(c, left > 0 ? (int)left : 0); /* at least one look, even at 0 ms */
-        if (rc > 0) {
+        if (rc > 0)
             rc = mcl_flush(c); /* ACKs and YIELDs produced while waiting */
-        } else if (rc == 0 && left <= 0) {
-            rc = fail(c, MCL_ETIMEOUT, "no reply within %d ms", timeout_ms);
+        if (rc == 0 && c->got == 0 && left <= 0) { /* lost or closed meanwhile: said below */
+            if (!c->closed && (!c->lost || id == c->hello_rid))
+                rc = fail(c, MCL_ETIMEOUT, "no reply within %d ms", timeout_ms);
             break;
         }
     }
