@@ -85,12 +85,16 @@ def _cmd_node(args: argparse.Namespace) -> int:
         return 1
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, **kw: Any) -> Any:
+    import logging
+
     from macula.client import BlockingClient
 
+    # the commands say what happened in their own words (one line each way for sub)
+    logging.getLogger("macula.client").setLevel(logging.ERROR)
     name = args.name or f"macula-{args.command}"
     return BlockingClient(args.endpoint, realm=args.realm, name=name, secret=args.secret,
-                          timeout=args.connect_timeout)
+                          timeout=args.connect_timeout, **kw)
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
@@ -122,12 +126,32 @@ def _cmd_pub(args: argparse.Namespace) -> int:
 
 
 def _cmd_sub(args: argparse.Namespace) -> int:
-    """Print ``topic payload`` for each message matching the filters."""
+    """Print ``topic payload`` for each message matching the filters.
+
+    When the node is lost the client reconnects and subscribes again (one line on stderr
+    each way); with ``--no-reconnect`` the command exits with status 1 instead."""
     import queue
 
+    from macula.client import ConnectionLost, Reconnected
+
     received: queue.Queue[Any] = queue.Queue()
+
+    def on_disconnect(exc: ConnectionLost) -> None:
+        if args.no_reconnect:
+            received.put(exc)  # ends the loop below
+        else:
+            print(f"macula sub: connection lost ({exc}); reconnecting", file=sys.stderr,
+                  flush=True)
+
+    def on_reconnect(info: Reconnected) -> None:
+        restarted = ", the node had restarted" if info.node_restarted else ""
+        print(f"macula sub: reconnected (session {info.session_id}{restarted}; "
+              f"{info.subscriptions} subscriptions restored after {info.downtime:.1f} s)",
+              file=sys.stderr, flush=True)
+
     try:
-        with _client(args) as client:
+        with _client(args, reconnect=not args.no_reconnect, on_disconnect=on_disconnect,
+                     on_reconnect=on_reconnect) as client:
             for filt in args.filter:
                 client.subscribe(filt, qos=args.qos, callback=received.put)
             print(f"macula sub: subscribed to {', '.join(args.filter)}", file=sys.stderr,
@@ -138,11 +162,12 @@ def _cmd_sub(args: argparse.Namespace) -> int:
                     msg = received.get(timeout=args.timeout if args.timeout > 0 else None)
                 except queue.Empty:
                     break
+                if isinstance(msg, ConnectionLost):
+                    print(f"macula sub: connection lost ({msg})", file=sys.stderr)
+                    return 1
                 text = msg.payload.decode("utf-8", "backslashreplace")
                 print(f"{msg.topic} {text}" if not args.payload_only else text, flush=True)
                 count += 1
-    except KeyboardInterrupt:
-        return 0
     except _client_errors() as exc:
         print(f"macula sub: {exc}", file=sys.stderr)
         return 1
@@ -227,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     subc.add_argument("--timeout", type=float, default=0.0,
                       help="exit after this many seconds without a message (0: never)")
     subc.add_argument("--payload-only", action="store_true", help="print payloads only")
+    subc.add_argument("--no-reconnect", action="store_true",
+                      help="exit with status 1 when the node is lost (default: reconnect "
+                      "and subscribe again)")
     _client_options(subc)
     subc.set_defaults(func=_cmd_sub)
     call = sub.add_parser("call", help="call a procedure, print its result as JSON")
@@ -245,7 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: the clients closed on the way out; no traceback
+        return 130
     return result
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from macula.config import NodeConfig
 from macula.control.broker import Limits
 from macula.control.protocol import PubackReason
 from macula.node import NodeThread
+from tests.test_client_reconnect import Lines, NodeProcess
 
 C_DIR = Path(__file__).resolve().parent.parent / "control" / "clients" / "c"
 INSTALL = "apt-get install build-essential pkg-config libzmq3-dev libmsgpack-dev"
@@ -87,3 +89,40 @@ def test_c_client_pubsub_and_rpc_both_ways(program: Path, node: NodeThread) -> N
         stats = py.stats()
         assert stats["calls_ok_total"] == 2
         assert stats["sessions_closed_total"].get("NORMAL", 0) == 1  # the C client's BYE
+
+
+def test_c_client_reconnects_after_its_node_is_killed_and_restarted(
+        program: Path, tmp_path: Path) -> None:
+    """kill -9 of the C client's node, a new node on the same endpoint: the C client
+    notices, says HELLO again, subscribes and registers again; a QoS 1 publish it makes
+    while the node is down waits for the new session and gets its PUBACK."""
+    endpoint = f"ipc://{tmp_path}/node.sock"
+    nodes = [NodeProcess(endpoint)]
+    proc = subprocess.Popen([str(program), endpoint, "c", "reconnect"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out = Lines(proc.stdout)
+        out.expect("READY session=")
+        with BlockingClient(endpoint, realm="c") as py:
+            assert py.publish("c/r", b"first", qos=1) is PubackReason.OK
+            assert out.expect("RECEIVED ") == "RECEIVED first\n"
+        nodes[0].kill()
+        assert out.expect("LOST ")
+        nodes.append(NodeProcess(endpoint))
+        out.expect("BACK session=")
+        assert out.expect("HELD_PUBACK ") == "HELD_PUBACK 16\n"  # NO_SUBSCRIBERS, from the new node
+        with BlockingClient(endpoint, realm="c") as py:
+            assert py.call("c.one", None, timeout=10) == 1  # registered again
+            deadline = time.monotonic() + 20
+            while py.publish("c/r", b"last", qos=1) is not PubackReason.OK:
+                assert time.monotonic() < deadline, "the C client did not subscribe again"
+                time.sleep(0.05)
+            assert out.expect("RECEIVED ") == "RECEIVED last\n"
+            assert out.expect("DONE ") == "DONE reconnects=1\n"
+            assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        for n in nodes:
+            n.stop()

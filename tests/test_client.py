@@ -27,6 +27,7 @@ from macula.client import (
     BlockingClient,
     Client,
     ConnectionClosed,
+    ConnectionLost,
     CurveKeys,
     Message,
     RemoteError,
@@ -98,10 +99,12 @@ class FakeNode:
         self.ctx.term()
 
 
-async def _with_fake(body: Callable[[FakeNode, Client], Awaitable[None]], **limits: int) -> None:
+async def _with_fake(body: Callable[[FakeNode, Client], Awaitable[None]],
+                     reconnect: bool = True, **limits: int) -> None:
     fake = FakeNode()
     try:
-        connecting = asyncio.ensure_future(Client.connect(fake.endpoint, realm="r"))
+        connecting = asyncio.ensure_future(
+            Client.connect(fake.endpoint, realm="r", reconnect=reconnect))
         await fake.welcome(**limits)
         client = await connecting
         assert client.session_id == 7
@@ -348,13 +351,14 @@ def test_silent_node_is_detected_and_pings_are_sent() -> None:
         sub = await asyncio.wait_for(_subscribed(fake, c), 5)
         cmds = await fake.recv()  # within heartbeat_ms / 2
         assert cmds == [[4, 0]]
-        await asyncio.sleep(0.5)  # liveness 2 x 100 ms without a PONG
-        assert isinstance(c.closed, ConnectionClosed) and c.closed.code == Err.HEARTBEAT_TIMEOUT
-        assert [m async for m in sub] == []
-        with pytest.raises(ConnectionClosed):
+        await asyncio.sleep(0.5)  # liveness 2 x 100 ms / 2 without a PONG
+        assert isinstance(c.closed, ConnectionLost) and c.closed.code == Err.HEARTBEAT_TIMEOUT
+        with pytest.raises(ConnectionLost):  # reconnect=False: not a silent end
+            [m async for m in sub]
+        with pytest.raises(ConnectionLost):
             await c.publish("a", b"x")
 
-    run(lambda: _with_fake(body, heartbeat_ms=100, liveness=2))
+    run(lambda: _with_fake(body, reconnect=False, heartbeat_ms=100, liveness=2))
 
 
 async def _subscribed(fake: FakeNode, c: Client) -> Any:
@@ -364,17 +368,18 @@ async def _subscribed(fake: FakeNode, c: Client) -> Any:
     return await subscribing
 
 
-def test_node_shutdown_ends_iteration_and_fails_requests() -> None:
+def test_node_shutdown_without_reconnect_fails_iteration_and_requests() -> None:
     n = _node()
 
     async def main() -> None:
-        c = await Client.connect(n.endpoint, realm="r")
+        c = await Client.connect(n.endpoint, realm="r", reconnect=False)
         sub = await c.subscribe("a")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, n.stop)
-        assert [m async for m in sub] == []
+        with pytest.raises(ConnectionLost, match="SHUTDOWN"):  # not a silent end
+            [m async for m in sub]
         assert c.closed is not None and c.closed.code == Err.SHUTDOWN
-        with pytest.raises(ConnectionClosed, match="SHUTDOWN"):
+        with pytest.raises(ConnectionLost, match="SHUTDOWN"):
             await c.call("x")
         await c.close()  # closing a closed client is a no-op
 

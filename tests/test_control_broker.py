@@ -83,6 +83,14 @@ def test_hello_welcomes_with_limits_and_commands_before_hello_are_refused() -> N
     assert h.b.errors["NOT_WELCOMED"] == 1 and h.b.errors["ALREADY_WELCOMED"] == 1
 
 
+def test_welcome_carries_the_node_incarnation_the_same_for_every_session() -> None:
+    h, other = Harness(), Harness()
+    a, b = h.hello(b"A"), h.hello(b"B")
+    assert a.incarnation == b.incarnation == h.b.incarnation
+    assert 0 < a.incarnation < 2**53
+    assert other.hello(b"A").incarnation != a.incarnation  # a restarted node: a new one
+
+
 def test_hello_and_commands_in_one_batch() -> None:
     h = Harness()
     h.send(b"A", [1, 1, "r", "a"], [10, 2, "t", 0], [14, "t", b"x"])

@@ -391,6 +391,8 @@ class Broker:
         self.secrets: dict[str, str] = dict(realms or {})
         self.allow_any_realm = allow_any_realm
         self.rng = rng or random.Random()
+        # sent in WELCOME: a client that reconnects can tell a restarted node (1 … 2^53-1)
+        self.incarnation = random.SystemRandom().getrandbits(53) or 1
         self.now = 0.0
         self.realms: dict[str, Realm] = {}
         self.sessions: dict[bytes, Session] = {}
@@ -544,7 +546,7 @@ class Broker:
         self.sessions[identity] = s
         self.by_sid[s.sid] = s
         self.sessions_opened += 1
-        s.reply(_enc((int(Code.WELCOME), rid, s.sid, self.welcome_limits(s))))
+        s.reply(_enc((int(Code.WELCOME), rid, s.sid, self.welcome_limits(s), self.incarnation)))
         return s
 
     def welcome_limits(self, s: Session) -> dict[str, int]:

@@ -229,6 +229,7 @@ class Welcome(msgspec.Struct, array_like=True, tag=2, gc=False):
     rid: int
     session_id: int
     limits: dict[str, int]
+    incarnation: int = 0  # the node process's random id (0: an older node without it)
 
 
 class Error(msgspec.Struct, array_like=True, tag=3, gc=False):

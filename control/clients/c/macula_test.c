@@ -10,6 +10,14 @@
  *      call "nobody" and check the node answers NO_PROVIDER (30)
  *   4. print SERVING and serve "c.mul" until one call arrives (Python calls it), print
  *      SERVED; close. Exit 0 only if every step succeeded.
+ *
+ *   macula_test ENDPOINT REALM reconnect
+ *
+ * Subscribes "c/r" (QoS 1), registers "c.one", prints READY, then polls for up to 60 s:
+ * prints LOST <reason> and BACK session=<id> as the connection callback reports them and
+ * RECEIVED <payload> per message. After LOST it publishes to "c/held" at QoS 1 at once
+ * (the call waits for the new session, then sends) and prints HELD_PUBACK <reason> (16,
+ * NO_SUBSCRIBERS: nobody subscribes to it). Exits 0 after the message "last".
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,9 +68,72 @@ static int mul(void *user, const msgpack_object *args, msgpack_packer *result, c
     return 0;
 }
 
+static int done;
+
+static void on_reconnect_event(void *user, const mcl_event *ev) {
+    (void)user;
+    printf("RECEIVED %.*s\n", (int)ev->payload_len, ev->payload);
+    fflush(stdout);
+    done = ev->payload_len == 4 && memcmp(ev->payload, "last", 4) == 0;
+}
+
+static int lost;
+
+static void on_connection(void *user, int connected, const char *reason) {
+    mcl_client *c = user;
+    if (connected) {
+        printf("BACK session=%llu\n", (unsigned long long)mcl_session_id(c));
+    } else {
+        lost++;
+        printf("LOST %s\n", reason);
+    }
+    fflush(stdout);
+}
+
+static int one(void *user, const msgpack_object *args, msgpack_packer *result, char *error,
+               size_t error_size) {
+    (void)user, (void)args, (void)error, (void)error_size;
+    msgpack_pack_uint64(result, 1);
+    return 0;
+}
+
+static int reconnect_mode(const char *endpoint, const char *realm) {
+    char err[256];
+    mcl_client *c = mcl_connect(endpoint, realm, "c-reconnect", NULL, 2000, 5000, err,
+                                sizeof err);
+    if (!c) {
+        fprintf(stderr, "macula_test: connect failed: %s\n", err);
+        return 1;
+    }
+    mcl_on_event(c, on_reconnect_event, NULL);
+    mcl_on_connection(c, on_connection, c);
+    CHECK(mcl_subscribe(c, "c/r", 1, 5000) > 0, "subscribe failed");
+    CHECK(mcl_register(c, "c.one", one, NULL, 5000) > 0, "register failed");
+    printf("READY session=%llu\n", (unsigned long long)mcl_session_id(c));
+    fflush(stdout);
+    int handled = 0;
+    for (int i = 0; i < 1200 && !done; i++) {
+        CHECK(mcl_poll(c, 50) >= 0, "poll failed");
+        if (lost > handled) {
+            handled = lost;
+            int rc = mcl_publish(c, "c/held", "held", 4, 1, 0, 30000);
+            CHECK(rc >= 0, "QoS 1 publish across the reconnection failed: %d", rc);
+            printf("HELD_PUBACK %d\n", rc);
+            fflush(stdout);
+        }
+    }
+    CHECK(done, "no message \"last\" within 60 s");
+    printf("DONE reconnects=%u\n", mcl_reconnects(c));
+    fflush(stdout);
+    mcl_close(c);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 4 && strcmp(argv[3], "reconnect") == 0)
+        return reconnect_mode(argv[1], argv[2]);
     if (argc != 3) {
-        fprintf(stderr, "usage: macula_test ENDPOINT REALM\n");
+        fprintf(stderr, "usage: macula_test ENDPOINT REALM [reconnect]\n");
         return 2;
     }
     char err[256];
