@@ -217,7 +217,7 @@ class ProviderCache:
         self.counters: dict[str, int] = {
             "hits": 0, "misses": 0, "expired": 0, "puts": 0, "negative_puts": 0,
             "evicted": 0, "duplicates": 0, "truncated": 0, "quarantined_dropped": 0,
-            "forgotten": 0, "invalidated": 0,
+            "forgotten": 0, "invalidated": 0, "readmitted": 0, "dropped": 0,
         }
 
     def __len__(self) -> int:
@@ -299,6 +299,39 @@ class ProviderCache:
                 del self._entries[key]
         self.counters["forgotten"] += len(keys)
         return len(keys)
+
+    def readmit(self, node_id: bytes, now: float) -> bool:
+        """``node_id`` is reachable again (a new link to it came up): lift its quarantine,
+        so that its records count in the next answer. True if it was quarantined."""
+        q = self._quarantined
+        if q is None or q.pop(node_id, None, now=now) is None:
+            return False
+        self.counters["readmitted"] += 1
+        return True
+
+    def drop(self, realm: str, procedure: str, node_id: bytes, now: float) -> bool:
+        """``node_id`` answered that it has no provider of ``procedure`` (its record is
+        stale): drop it from that list only; a list left empty becomes the negative answer
+        (kept ``negative_ttl``, so a stale record costs one lookup and one attempt per
+        ``negative_ttl``, not one per call). True if the list held it."""
+        key = (realm, procedure)
+        e = self._entries.get(key)
+        if e is None or all(r.node_id != node_id for r in e.records):
+            return False
+        self.counters["dropped"] += 1
+        rest = [r for r in e.records if r.node_id != node_id]
+        if rest:
+            e.records = tuple(rest)
+            keys = self._index.get(node_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._index[node_id]
+        else:
+            self._remove(key)
+            if self.negative_ttl > 0:
+                self._entries[key] = _Providers((), now, self.negative_ttl)
+        return True
 
     def invalidate(self, realm: str, procedure: str) -> bool:
         """Drop one entry (the next call looks it up); True if there was one."""

@@ -873,6 +873,7 @@ class Mesh(WireHandler):
 
     def on_link_up(self, link: PeerLink) -> None:
         self._dead.pop(link.peer_id)
+        self.rpc.node_up(link.peer_id)
         if link.addr is not None:
             self._learn(link.peer_id, link.addr)
 

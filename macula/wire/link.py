@@ -24,8 +24,15 @@ Delivery guarantees: frames on one link arrive in order, each once, while its co
 lives.  When a connection breaks, frames the peer's QUIC stack had not acknowledged are sent
 again on the next connection, so a frame can arrive twice if the peer received it but its
 acknowledgement was lost with the connection (at least once across a re-dial); requests whose
-frame was acknowledged but not answered fail with ``LinkClosed`` (they may have run), others
-are re-sent.  Higher layers de-duplicate by their message ids.
+frame was acknowledged but not answered fail with ``RequestLost`` (they may have run), others
+are re-sent.  When the connection was dropped because the peer stopped answering (liveness),
+every request already written fails at once with ``RequestLost`` and its frame is not re-sent
+(the peer is probably dead: its callers should not wait for the re-dial); requests not yet
+written wait for it.  Higher layers de-duplicate by their message ids.
+
+Liveness: a PING goes out after ``keepalive_interval`` without traffic, or after
+``dead_after`` while requests wait for answers; data or a PING unanswered for ``dead_after``
+closes the connection (``CLOSE_NOT_ANSWERING``).
 
 Backpressure: bytes queued in the encoder plus bytes sent but not yet acknowledged are the
 link's send buffer.  Beyond ``send_buffer`` ``send()`` waits for room and ``send_nowait()``
@@ -821,19 +828,29 @@ class PeerLink:
             self._flush_handle = None
         unacked = conn.unacked_batches()
         self._resend = unacked + self._resend
-        self._resend_bytes = sum(len(data) for data, _ in self._resend)
         self._inflight = 0
         keep = set(self._unflushed_rids)
-        for _, rids in self._resend:
-            if rids:
-                keep.update(rids)
-        for rid in [r for r in self._pending if r not in keep]:
+        silent = code == m.CLOSE_NOT_ANSWERING
+        if not silent:
+            # the connection closed: what it had not got acknowledged is re-sent on the next
+            for _, rids in self._resend:
+                if rids:
+                    keep.update(rids)
+        lost = [r for r in self._pending if r not in keep]
+        for rid in lost:
             fut, timer = self._pending.pop(rid)
             timer.cancel()
             if not fut.done():
-                fut.set_exception(
-                    RequestLost(f"connection lost after the request was delivered ({reason})")
-                )
+                fut.set_exception(RequestLost(
+                    f"no answer from the peer: it may have received the request ({reason})"
+                    if silent else
+                    f"connection lost after the request was delivered ({reason})"))
+        if silent and lost:
+            # The peer went silent (dead, or cut off): waiting for the re-dial would make the
+            # callers of requests already written wait for dial timeouts, so they failed now
+            # (delivery unknown), and their frames must not reach the peer later.
+            self._resend = self._without_requests(self._resend, set(lost))
+        self._resend_bytes = sum(len(data) for data, _ in self._resend)
         self.endpoint.handler.on_link_down(self, code, reason)
         if self.closed:
             return
@@ -842,6 +859,30 @@ class PeerLink:
             self.endpoint.pool._forget(self)
         elif self._resend or self._enc.nbytes or self._pending or self._connect_waiters:
             self._ensure_dial()
+
+    def _without_requests(self, batches: list[tuple[bytes, list[int] | None]],
+                          rids: set[int]) -> list[tuple[bytes, list[int] | None]]:
+        """``batches`` without the REQ frames of ``rids`` (counted: drops["request_lost"])."""
+        out: list[tuple[bytes, list[int] | None]] = []
+        dropped = 0
+        for data, batch_rids in batches:
+            if not batch_rids or rids.isdisjoint(batch_rids):
+                out.append((data, batch_rids))
+                continue
+            enc = BatchEncoder(max_frame=self.cfg.max_frame)
+            kept: list[int] = []
+            for frame in FrameDecoder(max_frame=self.cfg.max_frame).feed(data):
+                msg = m.TRAFFIC_DECODER.decode(frame)  # our own frames: they decode
+                if type(msg) is m.Req:
+                    if msg.rid in rids:
+                        dropped += 1
+                        continue
+                    kept.append(msg.rid)
+                enc.append_raw(frame)
+            if len(enc):
+                out.append((enc.flush(), kept or None))
+        self.endpoint.stats.drops["request_lost"] += dropped
+        return out
 
     def _ensure_dial(self) -> None:
         if self._dial_task is None and not self.closed and self.addr is not None:
@@ -923,7 +964,11 @@ class PeerLink:
             conn.fail(m.CLOSE_NOT_ANSWERING, f"no answer for {now - since:.2f} s")
             return
         quiet = now - max(conn.last_rx, conn.last_tx)
-        if not self._ping_sent_at and quiet > cfg.keepalive_interval:
+        # while requests wait for answers, a silent peer is found out within about
+        # 2 x dead_after, not keepalive_interval + dead_after: probe after dead_after
+        probe = min(cfg.dead_after, cfg.keepalive_interval) if self._pending \
+            else cfg.keepalive_interval
+        if not self._ping_sent_at and quiet > probe:
             self._ping_token += 1
             self._ping_sent_at = now
             self.endpoint.stats.pings_out += 1
