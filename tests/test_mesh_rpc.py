@@ -186,6 +186,40 @@ def test_forget_node_drops_it_everywhere_and_quarantines_it() -> None:
     assert small.stats()["quarantine_evicted"] == 1
 
 
+def test_a_node_that_links_up_again_is_readmitted_at_once() -> None:
+    c = ProviderCache(self_id=SELF, quarantine=5.0)
+    c.put("r", "p", [rec(1), rec(2)], now=0)
+    c.forget_node(nid(2), now=1)
+    assert c.put("r", "p", [rec(1), rec(2)], now=2) == [rec(1)]  # quarantined
+    assert c.readmit(nid(2), now=2) is True
+    assert c.put("r", "p", [rec(1), rec(2)], now=2) == [rec(1), rec(2)]
+    assert c.readmit(nid(2), now=3) is False  # not quarantined any more
+    c.forget_node(nid(3), now=3)
+    assert c.readmit(nid(3), now=9) is False  # its quarantine had run out
+    assert c.stats()["readmitted"] == 1
+
+
+def test_a_stale_record_is_dropped_from_its_list_only() -> None:
+    """A node answered NO_PROVIDER for one procedure: it stays in the others' lists and is
+    not quarantined; a list it leaves empty is the negative answer for negative_ttl."""
+    c = ProviderCache(self_id=SELF, negative_ttl=0.5)
+    c.put("r", "p", [rec(1), rec(2)], now=0)
+    c.put("r", "q", [rec(2)], now=0)
+    c.put("r", "s", [rec(2)], now=0)
+    assert c.drop("r", "p", nid(2), now=1) is True
+    assert c.get("r", "p", now=1) == [rec(1)]
+    assert c.get("r", "q", now=1) == [rec(2)]
+    assert c.drop("r", "q", nid(2), now=1) is True
+    assert c.get("r", "q", now=1.4) == []  # NO_PROVIDER without a lookup...
+    assert c.get("r", "q", now=1.5) is None  # ...for negative_ttl
+    assert c.put("r", "q", [rec(2)], now=2) == [rec(2)]  # a new answer takes it: no quarantine
+    assert c.drop("r", "p", nid(2), now=2) is False  # not in that list any more
+    assert c.drop("r", "nothing", nid(2), now=2) is False
+    c.forget_node(nid(2), now=3)  # the reverse index still knew where it was listed
+    assert c.get("r", "s", now=3) is None and c.get("r", "q", now=3) is None
+    assert c.stats()["dropped"] == 2
+
+
 def test_invalidate_and_bad_input() -> None:
     c = ProviderCache(self_id=SELF)
     c.put("r", "p", [rec(1)], now=0)

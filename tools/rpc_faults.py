@@ -18,7 +18,8 @@ Three phases, B killed with SIGKILL (its process group: no goodbye on the wire) 
    over B and C: 3 reach B and are held, 3 are answered by C), timeout 20 s each; once B's
    handlers hold 7 calls B is killed, and nothing else is sent. Figures: seconds from the
    kill until each held call ends, and how (not idempotent: PROVIDER_GONE expected;
-   idempotent: answered by C expected).
+   idempotent: answered by C expected). Then, while A's link to B is down (B not yet
+   counted gone), 4 calls ``rpcf.idem(0)`` one after the other: the slowest one's seconds.
 2. **restart**: once A counted B gone (``nodes_gone_total``), B is started again on the same
    port and data directory (same node id), its provider registers ``rpcf.hold`` again, and A
    calls ``rpcf.hold(0)`` in a loop (each call with a 2 s timeout, the next 10 ms after one
@@ -56,6 +57,7 @@ from macula.demo import LocalMesh, MeshNode, _ready_line, parse_ready
 REALM = "default"
 HOLD_CALLS = 4  # rpcf.hold(1) in flight at B when it dies
 IDEM_CALLS = 6  # rpcf.idem(1): round robin, half held at B
+DURING_CALLS = 4  # rpcf.idem(0), one after the other, once the in-flight calls ended
 LATE_CALLS = 5  # rpcf.hold(1) sent 0, 50, ..., 200 ms after the kill
 
 
@@ -183,10 +185,23 @@ async def one_run(run: int) -> dict[str, Any]:
         async def held(p: Provider, n: int) -> bool:
             return p.held >= n
 
-        await _until("calls held at B", lambda: held(pb, HOLD_CALLS + IDEM_CALLS // 2), 10)
+        async def placed() -> bool:  # held at B, and C's share answered
+            return (pb.held >= HOLD_CALLS + IDEM_CALLS // 2
+                    and sum(1 for p, _, _ in ends if p == "rpcf.idem/quiet") >= IDEM_CALLS // 2)
+
+        await _until("calls held at B and answered by C", placed, 10)
         gone_before = await _nodes_gone(caller)
         t_kill = await kill(b, 0)
         hold, idem = since(t_kill, "rpcf.hold/quiet"), since(t_kill, "rpcf.idem/quiet")
+        during: list[tuple[float, str]] = []  # new idempotent calls while B's link is down
+        for _ in range(DURING_CALLS):
+            t0 = time.monotonic()
+            try:
+                who = "answered by " + await caller.call("rpcf.idem", 0, timeout=20.0)
+            except RemoteError as exc:
+                who = getattr(exc.code, "name", str(exc.code))
+            during.append((round(time.monotonic() - t0, 3), who))
+        during_gone = await _nodes_gone(caller) > gone_before  # B was not yet gone: valid
 
         async def gone() -> bool:
             return await _nodes_gone(caller) > gone_before
@@ -222,6 +237,8 @@ async def one_run(run: int) -> dict[str, Any]:
             "run": run,
             "quiet_not_idempotent": hold,
             "quiet_idempotent": idem,
+            "down_idempotent_calls": during,
+            "down_calls_ended_after_b_gone": during_gone,
             "b_gone_at": round(t_gone, 3),
             "restart_register_to_call": round(restart, 3),
             "restart_answered_by": who,
@@ -253,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         ("1. in flight, not idempotent: kill -> last call ends (s)",
          slowest("quiet_not_idempotent")),
         ("1. in flight, idempotent: kill -> last call ends (s)", slowest("quiet_idempotent")),
+        ("1. then new idempotent calls, B's link down: slowest call (s)",
+         [max(t for t, _ in r["down_idempotent_calls"]) for r in runs]),
         ("   kill -> A counts B gone (s)", [r["b_gone_at"] for r in runs]),
         ("2. restarted provider: REGISTER -> first call answered (s)",
          [r["restart_register_to_call"] for r in runs]),
@@ -264,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("quiet_not_idempotent", "quiet_idempotent", "busy_in_flight",
             "busy_sent_after_the_kill")
     outcomes = {k: dict(Counter(o for r in runs for _, _, o in r[k])) for k in keys}
+    outcomes["down_idempotent_calls"] = dict(Counter(o for r in runs
+                                                     for _, o in r["down_idempotent_calls"]))
     print()
     print(f"{'figure':66} {'median':>7}  runs")
     for name, xs in rows:

@@ -24,11 +24,13 @@ provider goes to the mesh:
      run, and running it twice must be harmless;
    * either way at most ``max_attempts`` providers are tried, never past the deadline.
 
-   Each failed node goes to ``ProviderCache.forget_node`` (dropped from every list and
-   ignored in DHT answers for ``quarantine`` seconds, so a dead node's record, which lives
-   on in the DHT until its TTL, does not cost a lookup and a failed attempt per call) and
-   to ``Selector.failed`` (a penalty sample for ``lowest_latency``); each answer's round
-   trip goes to ``Selector.observe``.
+   Each node that could not be reached goes to ``ProviderCache.forget_node`` (dropped from
+   every list and ignored in DHT answers for ``quarantine`` seconds, so a dead node's
+   record, which lives on in the DHT until its TTL, does not cost a lookup and a failed
+   attempt per call; ``readmit`` lifts that when a link to the node comes up again) and
+   to ``Selector.failed`` (a penalty sample for ``lowest_latency``); a node that answers
+   "no provider here" (a stale record) goes to ``ProviderCache.drop`` (out of that list
+   only: it is alive); each answer's round trip goes to ``Selector.observe``.
 4. ``ResultCache``: when the answering provider's record has ``cache_ttl > 0``, its result
    is kept that long under (realm, procedure, encoded args) and later identical calls are
    answered from the cache (step 1 is skipped).

@@ -26,9 +26,10 @@ again on the next connection, so a frame can arrive twice if the peer received i
 acknowledgement was lost with the connection (at least once across a re-dial); requests whose
 frame was acknowledged but not answered fail with ``RequestLost`` (they may have run), others
 are re-sent.  When the connection was dropped because the peer stopped answering (liveness),
-every request already written fails at once with ``RequestLost`` and its frame is not re-sent
-(the peer is probably dead: its callers should not wait for the re-dial); requests not yet
-written wait for it.  Higher layers de-duplicate by their message ids.
+every request already written fails at once with ``RequestLost`` (the peer is probably dead:
+its callers should not wait for the re-dial); requests not yet written wait for it.  A REQ
+frame is re-sent only for a request still waiting for its answer (not for one that failed,
+timed out or was answered).  Higher layers de-duplicate by their message ids.
 
 Liveness: a PING goes out after ``keepalive_interval`` without traffic, or after
 ``dead_after`` while requests wait for answers; data or a PING unanswered for ``dead_after``
@@ -46,7 +47,7 @@ import contextlib
 import inspect
 import ssl
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -845,11 +846,11 @@ class PeerLink:
                     f"no answer from the peer: it may have received the request ({reason})"
                     if silent else
                     f"connection lost after the request was delivered ({reason})"))
-        if silent and lost:
-            # The peer went silent (dead, or cut off): waiting for the re-dial would make the
-            # callers of requests already written wait for dial timeouts, so they failed now
-            # (delivery unknown), and their frames must not reach the peer later.
-            self._resend = self._without_requests(self._resend, set(lost))
+        # A silent peer (dead, or cut off) failed the requests already written above: their
+        # callers should not wait for the re-dial's dial timeouts. A REQ frame is re-sent
+        # only for a request still waiting for its answer: one that failed, timed out or
+        # was answered (its acknowledgement lost) must not run again on the peer.
+        self._resend = self._without_requests(self._resend, self._pending.keys())
         self._resend_bytes = sum(len(data) for data, _ in self._resend)
         self.endpoint.handler.on_link_down(self, code, reason)
         if self.closed:
@@ -861,27 +862,29 @@ class PeerLink:
             self._ensure_dial()
 
     def _without_requests(self, batches: list[tuple[bytes, list[int] | None]],
-                          rids: set[int]) -> list[tuple[bytes, list[int] | None]]:
-        """``batches`` without the REQ frames of ``rids`` (counted: drops["request_lost"])."""
+                          waiting: Collection[int]) -> list[tuple[bytes, list[int] | None]]:
+        """``batches`` without the REQ frames of requests not in ``waiting`` (counted:
+        drops["request_not_resent"])."""
         out: list[tuple[bytes, list[int] | None]] = []
         dropped = 0
-        for data, batch_rids in batches:
-            if not batch_rids or rids.isdisjoint(batch_rids):
-                out.append((data, batch_rids))
+        for data, rids in batches:
+            if not rids or all(rid in waiting for rid in rids):
+                out.append((data, rids))
                 continue
             enc = BatchEncoder(max_frame=self.cfg.max_frame)
             kept: list[int] = []
             for frame in FrameDecoder(max_frame=self.cfg.max_frame).feed(data):
                 msg = m.TRAFFIC_DECODER.decode(frame)  # our own frames: they decode
                 if type(msg) is m.Req:
-                    if msg.rid in rids:
+                    if msg.rid not in waiting:
                         dropped += 1
                         continue
                     kept.append(msg.rid)
                 enc.append_raw(frame)
             if len(enc):
                 out.append((enc.flush(), kept or None))
-        self.endpoint.stats.drops["request_lost"] += dropped
+        if dropped:
+            self.endpoint.stats.drops["request_not_resent"] += dropped
         return out
 
     def _ensure_dial(self) -> None:
