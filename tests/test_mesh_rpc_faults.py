@@ -81,7 +81,8 @@ async def test_requests_held_by_a_peer_that_dies_fail_long_before_the_keepalive(
     try:
         link = await client.pool.get(server.identity.node_id, ("127.0.0.1", server.port))
         assert await link.request(ECHO, b"ab") == b"ba"
-        held = [asyncio.ensure_future(link.request(HOLD, b"%d" % i, timeout=50))
+        held = [asyncio.ensure_future(link.request(HOLD, b"%d" % i, timeout=50,
+                                                 fail_on_silence=True))
                 for i in range(3)]
         await eventually(lambda: len(server.handler.got) == 4, 10, what="requests held")
         await asyncio.sleep(0.2)  # quiet: the peer acknowledged them
@@ -115,7 +116,8 @@ async def test_a_request_written_to_a_silent_peer_fails_at_once_and_is_not_sent_
         _dies_silently(server)
         await server.close()  # its port is free for the next one
         await asyncio.sleep(0.05)
-        lost = asyncio.ensure_future(link.request(ECHO, b"lost", timeout=50))
+        lost = asyncio.ensure_future(link.request(ECHO, b"lost", timeout=50,
+                                                 fail_on_silence=True))
         await eventually(lambda: not link.is_open, 10, what="the link dropped as silent")
         second = Server()
         again = WireEndpoint(me, handler=second, port=port)  # the peer is back

@@ -258,7 +258,8 @@ class Calls:
                 link = await asyncio.wait_for(pool.get(rec.node_id, rec.endpoint),
                                               deadline - loop.time())
             delivered = True  # from here a failure may be after delivery
-            return await link.request(kind, body, deadline - loop.time())
+            # a silent provider's node is probably dead: the call ends (or fails over) at once
+            return await link.request(kind, body, deadline - loop.time(), fail_on_silence=True)
         except RemoteError as exc:
             if exc.status == STATUS_NO_PROVIDER:
                 # a stale record (the node restarted, or its provider left without a
