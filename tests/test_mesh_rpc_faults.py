@@ -1,11 +1,11 @@
 """RPC across nodes when a provider's node dies: calls in flight end, the restarted node is
 called again.
 
-* The wire (two endpoints over real QUIC on loopback, in this process): a request waiting
-  on a peer that dies fails with ``RequestLost`` when liveness finds the peer silent, even
-  with a keep-alive far longer than the test's deadline; a request written to a peer that
-  had just gone silent fails at once instead of waiting for the re-dial, and is not re-sent
-  to the peer when it comes back.
+* The wire (two endpoints over real QUIC on loopback, in this process), requests made with
+  ``fail_on_silence`` (as the mesh's calls are): one waiting on a peer that dies fails with
+  ``RequestLost`` when liveness finds the peer silent, even with a keep-alive far longer
+  than the test's deadline; one written to a peer that had just gone silent fails at once
+  instead of waiting for the re-dial, and is not re-sent to the peer when it comes back.
 * The mesh (``macula node`` processes, kill -9): calls held by the dead node's provider end
   with PROVIDER_GONE (not idempotent) or are answered by the other provider (idempotent);
   the node restarted with the same identity is called by the first call after its provider
@@ -70,8 +70,8 @@ def _wire(fn: Any) -> Any:
 
 @_wire
 async def test_requests_held_by_a_peer_that_dies_fail_long_before_the_keepalive() -> None:
-    """A keep-alive of 30 s alone would leave them waiting 30 s: while requests wait, the
-    link probes its peer after dead_after of silence."""
+    """A keep-alive of 30 s alone would leave them waiting 30 s: while such requests wait,
+    the link probes its peer after dead_after of silence."""
     server = WireEndpoint(ident.NodeIdentity.generate(), handler=Server())
     await server.start()
     client = WireEndpoint(ident.NodeIdentity.generate(), config=WireConfig(
