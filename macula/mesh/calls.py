@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -63,13 +64,17 @@ class Calls:
         self._lookups: dict[tuple[str, str], asyncio.Future[list[rpc.ProviderRecord]]] = {}
         self._local: dict[tuple[str, str], tuple[str, bool, float]] = {}  # ours
         self._fetched: dict[tuple[str, str], float] = {}  # when each list was looked up
+        self._last_stamp = 0  # of this node's latest provider record
         self.counters: Counter[str] = Counter()
 
     def advertise(self, realm: str, procedure: str, strategy: str, idempotent: bool,
                   cache_ttl: float) -> None:
         self._local[(realm, procedure)] = (strategy, idempotent, cache_ttl)
+        # a stamp no earlier advertisement of this node had, before or after a restart
+        # (only ever compared for equality: clocks need not agree between nodes)
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1) & ((1 << 64) - 1)
         rec = rpc.ProviderRecord(self.mesh.node_id, self.mesh.listen_address, strategy,
-                                    idempotent, cache_ttl, self.mesh.via)
+                                 idempotent, cache_ttl, self.mesh.via, self._last_stamp)
         key = dht_key(realm, "rpc", procedure)
         self.mesh._spawn(self.mesh._put(key, rpc.encode_provider(rec),
                                         self.mesh.config.record_ttl))
@@ -91,7 +96,9 @@ class Calls:
             self.mesh.dht.unpublish(key)
 
     def forget_node(self, node: bytes) -> None:
-        self.providers.forget_node(node, self.mesh._now())
+        """The node is gone: its records are ignored as long as the mesh remembers it dead,
+        except new registrations (it restarted; ``ProviderRecord.stamp``)."""
+        self.providers.forget_node(node, self.mesh._now(), self.mesh.config.dead_node_ttl)
 
     def node_up(self, node: bytes) -> None:
         """A link to ``node`` came up (it restarted, or is reachable again): its records
@@ -134,7 +141,8 @@ class Calls:
                         if v:
                             mesh.counters["bad_records_total"] += 1
                         continue
-                    if mesh._dead.get(rec.node_id) is not None:
+                    if (mesh._dead.get(rec.node_id) is not None
+                            and not self.providers.is_new(rec, mesh._now())):
                         continue
                     mesh._learn(rec.node_id, rec.endpoint, rec.via)
                     recs.append(rec)
