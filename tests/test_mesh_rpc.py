@@ -41,14 +41,15 @@ def rec(i: int, **kw: object) -> ProviderRecord:
 def test_records_round_trip_through_the_wire_form() -> None:
     for r in (rec(1), ProviderRecord(nid(2), None, "lowest_latency", True, 2.5),
               ProviderRecord(nid(3), ("h", 1), "first", False, 0),
-              ProviderRecord(nid(5), None, "first", False, 0, (nid(6), ("relay", 7)))):
+              ProviderRecord(nid(5), None, "first", False, 0, (nid(6), ("relay", 7))),
+              ProviderRecord(nid(7), ("h", 2), "random", True, 0, None, 2**64 - 1)):
         assert decode_provider(encode_provider(r)) == r
     # an int cache_ttl from another implementation decodes as a float
     raw = msgspec.msgpack.encode([nid(4), ["h", 9], "random", True, 7])
     assert decode_provider(raw) == ProviderRecord(nid(4), ("h", 9), "random", True, 7.0)
     # trailing fields of a newer version are ignored
-    raw = msgspec.msgpack.encode([nid(4), None, "first", False, 0.0, None, "future"])
-    assert decode_provider(raw) == ProviderRecord(nid(4), None, "first", False, 0.0)
+    raw = msgspec.msgpack.encode([nid(4), None, "first", False, 0.0, None, 9, "future"])
+    assert decode_provider(raw) == ProviderRecord(nid(4), None, "first", False, 0.0, None, 9)
 
 
 @pytest.mark.parametrize("value", [
@@ -67,6 +68,8 @@ def test_records_round_trip_through_the_wire_form() -> None:
     [nid(1), ["", 5], "first", False, 0.0],  # empty host
     [nid(1), ["h"], "first", False, 0.0],  # endpoint not a pair
     [nid(1), None, "first", False],  # too short
+    [nid(1), None, "first", False, 0.0, None, -1],  # negative stamp
+    [nid(1), None, "first", False, 0.0, None, "s"],  # stamp not an int
     {"node_id": nid(1)},  # a map, not an array
 ])
 def test_malformed_records_decode_to_none(value: object) -> None:
@@ -89,6 +92,9 @@ def test_a_bad_record_is_refused_at_construction_with_the_rule() -> None:
         ProviderRecord(nid(1), None, idempotent="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="port"):
         ProviderRecord(nid(1), ("h", True))
+    for bad in (-1, 2**64, True):
+        with pytest.raises(ValueError, match="stamp"):
+            ProviderRecord(nid(1), None, stamp=bad)
 
 
 def test_agreed_strategy_is_the_majority_then_the_lowest_node_id() -> None:
@@ -184,6 +190,71 @@ def test_forget_node_drops_it_everywhere_and_quarantines_it() -> None:
     small.forget_node(nid(2), now=0)  # the quarantine is bounded: node 1 leaves it
     assert small.put("r", "a", [rec(1), rec(2)], now=0) == [rec(1)]
     assert small.stats()["quarantine_evicted"] == 1
+
+
+def test_a_forgotten_nodes_new_registration_counts_its_old_records_do_not() -> None:
+    """A node that died and restarted advertises with new stamps: those count at once,
+    while the records it had when it was forgotten (alive in the DHT until their TTL) and
+    unstamped ones stay out for the quarantine."""
+    c = ProviderCache(self_id=SELF, quarantine=5.0)
+    old_p, old_q = rec(2, stamp=100), rec(2, stamp=101)
+    c.put("r", "p", [rec(1), old_p], now=0)
+    c.put("r", "q", [old_q], now=0)
+    c.forget_node(nid(2), now=1, ttl=30.0)
+    new_p = rec(2, stamp=200)
+    assert not c.is_new(old_p, now=2) and c.is_new(new_p, now=2)
+    assert not c.is_new(rec(2, stamp=0), now=2)  # unstamped (an older node): not known new
+    assert not c.is_new(rec(1, stamp=5), now=2)  # not forgotten at all
+    assert c.put("r", "p", [rec(1), old_p], now=2) == [rec(1)]
+    assert c.put("r", "p", [rec(1), new_p], now=2) == [rec(1), new_p]
+    assert c.put("r", "q", [old_q], now=2) == []
+    assert c.put("r", "q", [rec(2)], now=2) == []  # stamp 0 while quarantined
+    # it dies again: what it had the first time stays out too, and so does new_p
+    c.forget_node(nid(2), now=3, ttl=30.0)
+    assert c.put("r", "p", [old_p, new_p], now=4) == []
+    assert c.put("r", "p", [rec(2, stamp=300)], now=4) == [rec(2, stamp=300)]
+    assert c.put("r", "q", [old_q], now=33.0) == [old_q]  # the given ttl, not quarantine
+    # a node forgotten with nothing listed: every record of it is out
+    c.forget_node(nid(3), now=40)
+    assert c.put("r", "z", [rec(3, stamp=7)], now=41) == []
+    assert not c.is_new(rec(3, stamp=7), now=41)
+    c.forget_node(nid(3), now=42)  # and stays so when forgotten again
+    c.put("r", "y", [rec(4)], now=42)
+    assert c.put("r", "z", [rec(3, stamp=8)], now=43) == []
+
+
+def test_a_node_that_links_up_again_is_readmitted_at_once() -> None:
+    c = ProviderCache(self_id=SELF, quarantine=5.0)
+    c.put("r", "p", [rec(1), rec(2)], now=0)
+    c.forget_node(nid(2), now=1)
+    assert c.put("r", "p", [rec(1), rec(2)], now=2) == [rec(1)]  # quarantined
+    assert c.readmit(nid(2), now=2) is True
+    assert c.put("r", "p", [rec(1), rec(2)], now=2) == [rec(1), rec(2)]
+    assert c.readmit(nid(2), now=3) is False  # not quarantined any more
+    c.forget_node(nid(3), now=3)
+    assert c.readmit(nid(3), now=9) is False  # its quarantine had run out
+    assert c.stats()["readmitted"] == 1
+
+
+def test_a_stale_record_is_dropped_from_its_list_only() -> None:
+    """A node answered NO_PROVIDER for one procedure: it stays in the others' lists and is
+    not quarantined; a list it leaves empty is the negative answer for negative_ttl."""
+    c = ProviderCache(self_id=SELF, negative_ttl=0.5)
+    c.put("r", "p", [rec(1), rec(2)], now=0)
+    c.put("r", "q", [rec(2)], now=0)
+    c.put("r", "s", [rec(2)], now=0)
+    assert c.drop("r", "p", nid(2), now=1) is True
+    assert c.get("r", "p", now=1) == [rec(1)]
+    assert c.get("r", "q", now=1) == [rec(2)]
+    assert c.drop("r", "q", nid(2), now=1) is True
+    assert c.get("r", "q", now=1.4) == []  # NO_PROVIDER without a lookup...
+    assert c.get("r", "q", now=1.5) is None  # ...for negative_ttl
+    assert c.put("r", "q", [rec(2)], now=2) == [rec(2)]  # a new answer takes it: no quarantine
+    assert c.drop("r", "p", nid(2), now=2) is False  # not in that list any more
+    assert c.drop("r", "nothing", nid(2), now=2) is False
+    c.forget_node(nid(2), now=3)  # the reverse index still knew where it was listed
+    assert c.get("r", "s", now=3) is None and c.get("r", "q", now=3) is None
+    assert c.stats()["dropped"] == 2
 
 
 def test_invalidate_and_bad_input() -> None:

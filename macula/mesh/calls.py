@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -63,13 +64,17 @@ class Calls:
         self._lookups: dict[tuple[str, str], asyncio.Future[list[rpc.ProviderRecord]]] = {}
         self._local: dict[tuple[str, str], tuple[str, bool, float]] = {}  # ours
         self._fetched: dict[tuple[str, str], float] = {}  # when each list was looked up
+        self._last_stamp = 0  # of this node's latest provider record
         self.counters: Counter[str] = Counter()
 
     def advertise(self, realm: str, procedure: str, strategy: str, idempotent: bool,
                   cache_ttl: float) -> None:
         self._local[(realm, procedure)] = (strategy, idempotent, cache_ttl)
+        # a stamp no earlier advertisement of this node had, before or after a restart
+        # (only ever compared for equality: clocks need not agree between nodes)
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1) & ((1 << 64) - 1)
         rec = rpc.ProviderRecord(self.mesh.node_id, self.mesh.listen_address, strategy,
-                                    idempotent, cache_ttl, self.mesh.via)
+                                 idempotent, cache_ttl, self.mesh.via, self._last_stamp)
         key = dht_key(realm, "rpc", procedure)
         self.mesh._spawn(self.mesh._put(key, rpc.encode_provider(rec),
                                         self.mesh.config.record_ttl))
@@ -91,7 +96,15 @@ class Calls:
             self.mesh.dht.unpublish(key)
 
     def forget_node(self, node: bytes) -> None:
-        self.providers.forget_node(node, self.mesh._now())
+        """The node is gone: its records are ignored as long as the mesh remembers it dead,
+        except new registrations (it restarted; ``ProviderRecord.stamp``)."""
+        self.providers.forget_node(node, self.mesh._now(), self.mesh.config.dead_node_ttl)
+
+    def node_up(self, node: bytes) -> None:
+        """A link to ``node`` came up (it restarted, or is reachable again): its records
+        count again at once, and ``lowest_latency`` measures it afresh."""
+        self.providers.readmit(node, self.mesh._now())
+        self.selector.forget(node)
 
     def _cached_providers(self, realm: str, procedure: str) -> list[rpc.ProviderRecord] | None:
         """The cached provider list (refreshed in the background once it is
@@ -128,7 +141,8 @@ class Calls:
                         if v:
                             mesh.counters["bad_records_total"] += 1
                         continue
-                    if mesh._dead.get(rec.node_id) is not None:
+                    if (mesh._dead.get(rec.node_id) is not None
+                            and not self.providers.is_new(rec, mesh._now())):
                         continue
                     mesh._learn(rec.node_id, rec.endpoint, rec.via)
                     recs.append(rec)
@@ -174,15 +188,16 @@ class Calls:
                 if hit is not None:
                     broker.call_done(s, rid, hit)
                     return
-            plan = rpc.CallPlan(self.selector.order(realm, procedure, strategy, recs),
-                                max_attempts=mesh.config.max_call_attempts, deadline=deadline)
+            plan = rpc.CallPlan(self._healthy_first(
+                self.selector.order(realm, procedure, strategy, recs)),
+                max_attempts=mesh.config.max_call_attempts, deadline=deadline)
             payload = _enc.encode((realm, procedure, msgspec.Raw(args or b"\xc0"),
                                    int(timeout * 1000)))
             code, last = Err.NO_PROVIDER, "no provider answered"
             while (rec := plan.next_target(loop.time())) is not None:
                 t0 = loop.time()
                 try:
-                    data = await self._attempt(rec, payload, deadline)
+                    data = await self._attempt(realm, procedure, rec, payload, deadline)
                 except _Failed as f:
                     if f.final or not plan.on_failure(f.delivered, rec.idempotent, loop.time()):
                         if plan.gave_up == "deadline":
@@ -209,8 +224,23 @@ class Calls:
         finally:
             mesh._flush_control()
 
-    async def _attempt(self, rec: rpc.ProviderRecord, payload: bytes,
-                       deadline: float) -> bytes:
+    def _healthy_first(self, order: list[rpc.ProviderRecord]) -> list[rpc.ProviderRecord]:
+        """``order`` with the providers whose link is down (lost, not back yet: the node
+        may be dead) moved to the end, in their order: a call waits for a re-dial only
+        when no other provider is left."""
+        pool = self.mesh.endpoint.pool
+        down = []
+        for rec in order:
+            link = pool.peek(rec.node_id)
+            if link is not None and link.connected_once and not link.is_open:
+                down.append(rec)
+        if not down or len(down) == len(order):
+            return order
+        self.counters["providers_down_last_total"] += len(down)
+        return [r for r in order if r not in down] + down
+
+    async def _attempt(self, realm: str, procedure: str, rec: rpc.ProviderRecord,
+                       payload: bytes, deadline: float) -> bytes:
         """One try of a call at ``rec``'s node (through its relay for a client-mode node).
         Raises ``_Failed`` saying whether the call may have been delivered, whether no
         other provider may be tried, and what the caller is told."""
@@ -236,10 +266,16 @@ class Calls:
                 link = await asyncio.wait_for(pool.get(rec.node_id, rec.endpoint),
                                               deadline - loop.time())
             delivered = True  # from here a failure may be after delivery
-            return await link.request(kind, body, deadline - loop.time())
+            # a silent provider's node is probably dead: the call ends (or fails over) at once
+            return await link.request(kind, body, deadline - loop.time(), fail_on_silence=True)
         except RemoteError as exc:
-            if exc.status in (STATUS_NO_PROVIDER, STATUS_UNREACHABLE):
-                # it never reached an application: another provider may be tried
+            if exc.status == STATUS_NO_PROVIDER:
+                # a stale record (the node restarted, or its provider left without a
+                # withdrawal): the node is alive, only this list forgets it; it never
+                # reached an application, so another provider may be tried
+                self.providers.drop(realm, procedure, rec.node_id, loop.time())
+                raise _Failed(False, False, Err.NO_PROVIDER, exc.message) from None
+            if exc.status == STATUS_UNREACHABLE:  # its relay cannot reach it
                 self.providers.forget_node(rec.node_id, loop.time())
                 raise _Failed(False, False, Err.NO_PROVIDER, exc.message) from None
             err = ERR_OF_STATUS.get(exc.status)

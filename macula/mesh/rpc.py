@@ -24,11 +24,13 @@ provider goes to the mesh:
      run, and running it twice must be harmless;
    * either way at most ``max_attempts`` providers are tried, never past the deadline.
 
-   Each failed node goes to ``ProviderCache.forget_node`` (dropped from every list and
-   ignored in DHT answers for ``quarantine`` seconds, so a dead node's record, which lives
-   on in the DHT until its TTL, does not cost a lookup and a failed attempt per call) and
-   to ``Selector.failed`` (a penalty sample for ``lowest_latency``); each answer's round
-   trip goes to ``Selector.observe``.
+   Each node that could not be reached goes to ``ProviderCache.forget_node`` (dropped from
+   every list and ignored in DHT answers for ``quarantine`` seconds, so a dead node's
+   record, which lives on in the DHT until its TTL, does not cost a lookup and a failed
+   attempt per call; ``readmit`` lifts that when a link to the node comes up again) and
+   to ``Selector.failed`` (a penalty sample for ``lowest_latency``); a node that answers
+   "no provider here" (a stale record) goes to ``ProviderCache.drop`` (out of that list
+   only: it is alive); each answer's round trip goes to ``Selector.observe``.
 4. ``ResultCache``: when the answering provider's record has ``cache_ttl > 0``, its result
    is kept that long under (realm, procedure, encoded args) and later identical calls are
    answered from the cache (step 1 is skipped).
@@ -54,8 +56,9 @@ O(n log n) for n candidates; ``ResultCache`` O(1) (a ``TTLCache``). No sockets a
 clocks: every time-dependent call takes ``now``.
 
 Wire form of a record: a msgpack array ``[node_id (bin 32), endpoint ([host, port] or
-nil), strategy (str), idempotent (bool), cache_ttl (float or int, seconds)]``; trailing
-elements added by newer versions are ignored.
+nil), strategy (str), idempotent (bool), cache_ttl (float or int, seconds), via ([relay
+id, [host, port]] or nil), stamp (uint64)]``; the last two may be missing (nil, 0), and
+trailing elements added by newer versions are ignored.
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ class ProviderRecord:
     cache_ttl: float = 0.0  # seconds a result may be cached by callers; 0: not cached
     # a client-mode node: the node it keeps a link to, and where that one listens
     via: tuple[bytes, tuple[str, int]] | None = None
+    # drawn anew for each advertisement (a restart, a new registration): a record with
+    # another stamp is a new registration, not the stale one of a node that died; 0: unknown
+    stamp: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, bytes) or len(self.node_id) != 32:
@@ -127,6 +133,9 @@ class ProviderRecord:
             raise TypeError("cache_ttl must be a number of seconds")
         if not math.isfinite(ttl) or ttl < 0:
             raise ValueError("cache_ttl must be finite and >= 0")
+        if (isinstance(self.stamp, bool) or not isinstance(self.stamp, int)
+                or not 0 <= self.stamp < 1 << 64):
+            raise ValueError("stamp must be an int in 0 .. 2**64 - 1")
 
 
 class _Wire(msgspec.Struct, array_like=True, frozen=True):
@@ -136,6 +145,7 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True):
     idempotent: bool
     cache_ttl: float
     via: tuple[bytes, tuple[str, int]] | None = None
+    stamp: int = 0
 
 
 _ENC = msgspec.msgpack.Encoder()
@@ -144,7 +154,7 @@ _DEC = msgspec.msgpack.Decoder(_Wire)
 
 def encode_provider(rec: ProviderRecord) -> bytes:
     return _ENC.encode(_Wire(rec.node_id, rec.endpoint, rec.strategy, rec.idempotent,
-                             float(rec.cache_ttl), rec.via))
+                             float(rec.cache_ttl), rec.via, rec.stamp))
 
 
 def decode_provider(data: bytes) -> ProviderRecord | None:
@@ -156,7 +166,7 @@ def decode_provider(data: bytes) -> ProviderRecord | None:
         if w.via is not None and (len(w.via[0]) != 32 or not _valid_endpoint(w.via[1])):
             return None
         return ProviderRecord(w.node_id, w.endpoint, w.strategy, w.idempotent, w.cache_ttl,
-                              w.via)
+                              w.via, w.stamp)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
         return None
 
@@ -217,7 +227,7 @@ class ProviderCache:
         self.counters: dict[str, int] = {
             "hits": 0, "misses": 0, "expired": 0, "puts": 0, "negative_puts": 0,
             "evicted": 0, "duplicates": 0, "truncated": 0, "quarantined_dropped": 0,
-            "forgotten": 0, "invalidated": 0,
+            "forgotten": 0, "invalidated": 0, "readmitted": 0, "dropped": 0,
         }
 
     def __len__(self) -> int:
@@ -255,8 +265,7 @@ class ProviderCache:
             if r.node_id in seen:
                 self.counters["duplicates"] += 1
                 continue
-            if (self._quarantined is not None
-                    and self._quarantined.get(r.node_id, None, now=now) is not None):
+            if self._quarantined is not None and not self._counts(r, now):
                 self.counters["quarantined_dropped"] += 1
                 continue
             seen[r.node_id] = r
@@ -283,13 +292,24 @@ class ProviderCache:
             self._index.setdefault(r.node_id, set()).add(key)
         return kept
 
-    def forget_node(self, node_id: bytes, now: float) -> int:
+    def forget_node(self, node_id: bytes, now: float, ttl: float | None = None) -> int:
         """``node_id`` died or its link failed: drop it from every list (a list left empty
-        is dropped, so the next call looks the DHT up again) and ignore it in answers for
-        ``quarantine`` seconds. Returns how many lists held it."""
-        if self._quarantined is not None:
-            self._quarantined.put(node_id, True, now=now)
+        is dropped, so the next call looks the DHT up again) and ignore its records in
+        answers for ``ttl`` seconds (default ``quarantine``) — the records it had then: a
+        record with a stamp this cache did not see listed for it is a new registration
+        (the node restarted) and counts; when none was listed, every record of the node is
+        ignored. Returns how many lists held it."""
         keys = self._index.pop(node_id, set())
+        q = self._quarantined
+        if q is not None:
+            stamps = {r.stamp for key in keys for r in self._entries[key].records
+                      if r.node_id == node_id and r.stamp}
+            old = q.get(node_id, None, now=now)
+            if old:  # it was forgotten before: keep ignoring what it had then
+                stamps |= old
+            elif old is not None:  # every record of the node was ignored: so it stays
+                stamps = set()
+            q.put(node_id, frozenset(stamps), ttl, now=now)
         for key in keys:
             e = self._entries[key]
             rest = tuple(r for r in e.records if r.node_id != node_id)
@@ -299,6 +319,51 @@ class ProviderCache:
                 del self._entries[key]
         self.counters["forgotten"] += len(keys)
         return len(keys)
+
+    def _counts(self, r: ProviderRecord, now: float) -> bool:
+        assert self._quarantined is not None
+        stamps: frozenset[int] | None = self._quarantined.get(r.node_id, None, now=now)
+        return stamps is None or (bool(stamps) and r.stamp != 0 and r.stamp not in stamps)
+
+    def is_new(self, r: ProviderRecord, now: float) -> bool:
+        """``r`` is a registration its node made after it was forgotten (a stamp other than
+        those listed for it then): the node restarted, whatever other tables still say."""
+        return (self._quarantined is not None
+                and self._quarantined.get(r.node_id, None, now=now) is not None
+                and self._counts(r, now))
+
+    def readmit(self, node_id: bytes, now: float) -> bool:
+        """``node_id`` is reachable again (a new link to it came up): lift its quarantine,
+        so that its records count in the next answer. True if it was quarantined."""
+        q = self._quarantined
+        if q is None or q.pop(node_id, None, now=now) is None:
+            return False
+        self.counters["readmitted"] += 1
+        return True
+
+    def drop(self, realm: str, procedure: str, node_id: bytes, now: float) -> bool:
+        """``node_id`` answered that it has no provider of ``procedure`` (its record is
+        stale): drop it from that list only; a list left empty becomes the negative answer
+        (kept ``negative_ttl``, so a stale record costs one lookup and one attempt per
+        ``negative_ttl``, not one per call). True if the list held it."""
+        key = (realm, procedure)
+        e = self._entries.get(key)
+        if e is None or all(r.node_id != node_id for r in e.records):
+            return False
+        self.counters["dropped"] += 1
+        rest = [r for r in e.records if r.node_id != node_id]
+        if rest:
+            e.records = tuple(rest)
+            keys = self._index.get(node_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._index[node_id]
+        else:
+            self._remove(key)
+            if self.negative_ttl > 0:
+                self._entries[key] = _Providers((), now, self.negative_ttl)
+        return True
 
     def invalidate(self, realm: str, procedure: str) -> bool:
         """Drop one entry (the next call looks it up); True if there was one."""

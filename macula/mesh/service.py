@@ -1098,6 +1098,7 @@ class Mesh(WireHandler):
         node = link.peer_id
         was_dead = self._dead.pop(node) is not None
         self._probed.pop(node, None)
+        self.rpc.node_up(node)
         if link.addr is not None:
             self._learn(node, link.addr)
         if was_dead:

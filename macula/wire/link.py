@@ -24,8 +24,17 @@ Delivery guarantees: frames on one link arrive in order, each once, while its co
 lives.  When a connection breaks, frames the peer's QUIC stack had not acknowledged are sent
 again on the next connection, so a frame can arrive twice if the peer received it but its
 acknowledgement was lost with the connection (at least once across a re-dial); requests whose
-frame was acknowledged but not answered fail with ``LinkClosed`` (they may have run), others
-are re-sent.  Higher layers de-duplicate by their message ids.
+frame was acknowledged but not answered fail with ``RequestLost`` (they may have run), others
+are re-sent.  When the connection was dropped because the peer stopped answering (liveness),
+requests made with ``fail_on_silence`` that were already written fail at once with
+``RequestLost`` (the peer is probably dead: their callers should not wait for the re-dial);
+requests not yet written wait for it.  A REQ
+frame is re-sent only for a request still waiting for its answer (not for one that failed,
+timed out or was answered).  Higher layers de-duplicate by their message ids.
+
+Liveness: a PING goes out after ``keepalive_interval`` without traffic, or after
+``dead_after`` while ``fail_on_silence`` requests wait; data or a PING unanswered for ``dead_after``
+closes the connection (``CLOSE_NOT_ANSWERING``).
 
 Backpressure: bytes queued in the encoder plus bytes sent but not yet acknowledged are the
 link's send buffer.  Beyond ``send_buffer`` ``send()`` waits for room and ``send_nowait()``
@@ -39,7 +48,7 @@ import contextlib
 import inspect
 import ssl
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -484,9 +493,10 @@ class _Conn(QuicConnectionProtocol):
         on_messages = self.endpoint.handler.on_messages
         Msg, Req, Resp, Ping = m.Msg, m.Req, m.Resp, m.Ping
         run: list[m.Msg] = []
+        msg: Any  # dispatched on type(msg) below, which mypy does not narrow through
         for frame in frames:
             try:
-                msg: Any = decode(frame)  # dispatched on its exact type below
+                msg = decode(frame)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 if run:
                     on_messages(link, run)
@@ -544,6 +554,7 @@ class PeerLink:
         self._unflushed_rids: list[int] = []
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._pending: dict[int, tuple[asyncio.Future[bytes], asyncio.TimerHandle]] = {}
+        self._fail_on_silence: set[int] = set()  # pending rids asking to fail fast
         self._next_rid = 1
         self._room_waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._connect_waiters: list[asyncio.Future[None]] = []
@@ -615,11 +626,16 @@ class PeerLink:
             self._write_out()
         return True
 
-    async def request(self, kind: int, payload: bytes, timeout: float | None = None) -> bytes:
+    async def request(self, kind: int, payload: bytes, timeout: float | None = None, *,
+                      fail_on_silence: bool = False) -> bytes:
         """Send a request and wait for its response bytes.
 
         Raises ``RequestTimeout``, ``RemoteError`` (the peer answered with an error status),
-        ``LinkClosed`` or ``DialError``.
+        ``LinkClosed`` or ``DialError``. ``fail_on_silence``: while it waits, the peer is
+        probed after ``dead_after`` of silence (not ``keepalive_interval``), and if the
+        connection is dropped as not answering once the request was written, it fails at
+        once with ``RequestLost`` instead of waiting for the re-dial (for callers with
+        somewhere else to go, such as RPC calls with another provider).
         """
         if self.closed:
             raise LinkClosed(f"link closed: {self.close_reason}")
@@ -635,6 +651,8 @@ class PeerLink:
             self.cfg.request_timeout if timeout is None else timeout, self._timeout, rid
         )
         self._pending[rid] = (fut, timer)
+        if fail_on_silence:
+            self._fail_on_silence.add(rid)
         self._enc.append((m.T_REQ, rid, kind, payload))
         self._unflushed_rids.append(rid)
         self.endpoint.stats.requests_out += 1
@@ -647,6 +665,8 @@ class PeerLink:
             entry = self._pending.pop(rid, None)
             if entry is not None:
                 entry[1].cancel()
+            if fail_on_silence:
+                self._fail_on_silence.discard(rid)
 
     def _send_frame(self, frame: tuple[Any, ...]) -> None:
         """Queue a control frame (responses, pings), never refused."""
@@ -821,19 +841,30 @@ class PeerLink:
             self._flush_handle = None
         unacked = conn.unacked_batches()
         self._resend = unacked + self._resend
-        self._resend_bytes = sum(len(data) for data, _ in self._resend)
         self._inflight = 0
+        # requests not written yet, or unacknowledged (re-sent on the next connection), wait;
+        # the others may have run and fail, and so do the written ones asking to fail fast
+        # when the peer went silent (dead, or cut off): not for them the re-dial's timeouts
         keep = set(self._unflushed_rids)
         for _, rids in self._resend:
             if rids:
                 keep.update(rids)
-        for rid in [r for r in self._pending if r not in keep]:
+        silent = code == m.CLOSE_NOT_ANSWERING
+        if silent and self._fail_on_silence:
+            keep -= self._fail_on_silence - set(self._unflushed_rids)
+        lost = [r for r in self._pending if r not in keep]
+        for rid in lost:
             fut, timer = self._pending.pop(rid)
             timer.cancel()
             if not fut.done():
-                fut.set_exception(
-                    RequestLost(f"connection lost after the request was delivered ({reason})")
-                )
+                fut.set_exception(RequestLost(
+                    f"no answer from the peer: it may have received the request ({reason})"
+                    if silent else
+                    f"connection lost after the request was delivered ({reason})"))
+        # A REQ frame is re-sent only for a request still waiting for its answer: one that
+        # failed, timed out or was answered (its acknowledgement lost) must not run again.
+        self._resend = self._without_requests(self._resend, self._pending.keys())
+        self._resend_bytes = sum(len(data) for data, _ in self._resend)
         self.endpoint.handler.on_link_down(self, code, reason)
         if self.closed:
             return
@@ -842,6 +873,32 @@ class PeerLink:
             self.endpoint.pool._forget(self)
         elif self._resend or self._enc.nbytes or self._pending or self._connect_waiters:
             self._ensure_dial()
+
+    def _without_requests(self, batches: list[tuple[bytes, list[int] | None]],
+                          waiting: Collection[int]) -> list[tuple[bytes, list[int] | None]]:
+        """``batches`` without the REQ frames of requests not in ``waiting`` (counted:
+        drops["request_not_resent"])."""
+        out: list[tuple[bytes, list[int] | None]] = []
+        dropped = 0
+        for data, rids in batches:
+            if not rids or all(rid in waiting for rid in rids):
+                out.append((data, rids))
+                continue
+            enc = BatchEncoder(max_frame=self.cfg.max_frame)
+            kept: list[int] = []
+            for frame in FrameDecoder(max_frame=self.cfg.max_frame).feed(data):
+                msg = m.TRAFFIC_DECODER.decode(frame)  # our own frames: they decode
+                if type(msg) is m.Req:
+                    if msg.rid not in waiting:
+                        dropped += 1
+                        continue
+                    kept.append(msg.rid)
+                enc.append_raw(frame)
+            if len(enc):
+                out.append((enc.flush(), kept or None))
+        if dropped:
+            self.endpoint.stats.drops["request_not_resent"] += dropped
+        return out
 
     def _ensure_dial(self) -> None:
         if self._dial_task is None and not self.closed and self.addr is not None:
@@ -923,7 +980,11 @@ class PeerLink:
             conn.fail(m.CLOSE_NOT_ANSWERING, f"no answer for {now - since:.2f} s")
             return
         quiet = now - max(conn.last_rx, conn.last_tx)
-        if not self._ping_sent_at and quiet > cfg.keepalive_interval:
+        # while fail_on_silence requests wait for answers, a silent peer is found out
+        # within about 2 x dead_after, not keepalive_interval + dead_after
+        probe = min(cfg.dead_after, cfg.keepalive_interval) if self._fail_on_silence \
+            else cfg.keepalive_interval
+        if not self._ping_sent_at and quiet > probe:
             self._ping_token += 1
             self._ping_sent_at = now
             self.endpoint.stats.pings_out += 1
