@@ -30,9 +30,11 @@ from macula.config import NodeConfig, host_port
 from macula.control.broker import Broker
 from macula.control.server import ControlServer, CurveSettings
 from macula.mesh.service import Mesh, MeshConfig
-from macula.metrics import MetricsServer, make_registry
+from macula.metrics import LoopMonitor, MetricsServer, make_registry
 from macula.shards.pool import ShardPool
 from macula.wire import NodeIdentity
+
+SHARD_BACKLOG = 4  # batches a shard may have unanswered before the node stops reading clients
 
 
 class Node:
@@ -66,10 +68,12 @@ class Node:
             tick_interval=config.tick_interval,
             io_threads=config.io_threads,
             shards=self.shards,
-            gate=self.mesh.may_read if self.mesh is not None else None,
+            gate=self._may_read,
         )
         if self.mesh is not None:
             self.mesh.on_uncongested = self.server.resume
+        self.monitor = LoopMonitor()
+        self.server.loop_lag = self.monitor.lag
         self.registry = make_registry(self.broker.stats)
         self.metrics: MetricsServer | None = None
         if config.metrics_port >= 0:
@@ -77,6 +81,20 @@ class Node:
                 self.registry, config.metrics_host, config.metrics_port, self.ready
             )
         self._stopping = False
+
+    def _may_read(self) -> bool:
+        """The control driver's gate: read clients only while what they send can go on —
+        the mesh's links are not congested and no delivery shard has more than
+        ``SHARD_BACKLOG`` batches unanswered (the ZeroMQ high-water marks then hold the
+        clients back; nothing piles up in the node)."""
+        if self.mesh is not None and not self.mesh.may_read():
+            return False
+        shards = self.shards
+        if shards is not None:
+            for sh in shards.shards:
+                if sh.up and sh.outstanding >= SHARD_BACKLOG:
+                    return False
+        return True
 
     def _make_mesh(self, config: NodeConfig) -> Mesh:
         if (config.mesh_host in ("0.0.0.0", "::", "") and not config.mesh_advertise
@@ -148,11 +166,13 @@ class Node:
             raise
         if self.mesh is not None:
             await self.mesh.join()
+        self.monitor.start()
         if self.metrics is not None:
             await self.metrics.start()
 
     async def stop(self) -> None:
         self._stopping = True
+        self.monitor.stop()
         await self.server.stop()
         if self.mesh is not None:
             await self.mesh.stop()
