@@ -34,7 +34,7 @@ from macula.metrics import LoopMonitor, MetricsServer, make_registry
 from macula.shards.pool import ShardPool
 from macula.wire import NodeIdentity
 
-SHARD_BACKLOG = 4  # batches a shard may have unanswered before the node stops reading clients
+SHARD_BACKLOG = 1  # batches a shard may have unanswered before the node stops reading clients
 
 
 class Node:
