@@ -47,8 +47,15 @@ Queues per session (all bounded; every drop counted in ``drops[reason]``)
     beyond ``max_queue_reliable`` the session is disconnected (SLOW_CONSUMER).
     ``pending1`` QoS 1 deliveries waiting for window space, at most ``max_pending_qos1``:
     beyond it the session takes no new QoS 1 work (the publisher's PUBACK says
-    QUOTA_EXCEEDED). A session whose socket stays blocked for ``stuck_timeout`` seconds is
-    disconnected (SLOW_CONSUMER).
+    QUOTA_EXCEEDED). A session whose socket refused a body is *blocked* until its queues
+    have drained completely; blocked for ``stuck_timeout`` seconds, it is disconnected
+    (SLOW_CONSUMER).
+
+Ingress
+    ``receive`` is ``decode`` (checks, HELLO) then ``run``; the driver may hold decoded
+    commands of a session over its share, run its control commands first
+    (``split_control``) or ``refuse`` them (QoS 0 dropped and counted, the rest ERROR
+    OVERLOADED).
 
 Costs: a PUBLISH is one trie match (cached per incoming message for repeated topics) plus
 one concatenation and one deque append per subscriber; ``tick`` is O(sessions + expired

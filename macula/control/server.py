@@ -11,13 +11,24 @@ Thin glue around :class:`~macula.control.broker.Broker` (which holds all the log
 - **Reading**: the socket is a plain pyzmq socket whose ``FD`` is registered with the event
   loop (``loop.add_reader``), not a ``zmq.asyncio`` socket: one wake-up drains up to
   ``burst`` messages (or ``burst_commands`` commands, so that the bounded outgoing queues are
-  flushed before they fill) with non-blocking ``recv`` calls and no Future per message. The ZeroMQ
-  FD is edge-triggered, so after every burst and every flush the driver re-checks
-  ``EVENTS & POLLIN`` and reschedules itself when more is waiting.
+  flushed before they fill, or ``read_slice`` seconds of work, so that timers, the mesh and
+  the rest of the loop run between batches) with non-blocking ``recv`` calls and no Future
+  per message. The ZeroMQ FD is edge-triggered, so after every burst and every flush the
+  driver re-checks ``EVENTS & POLLIN`` and reschedules itself when more is waiting.
+- **Ingress share** (overload isolation): the input work (decode + run) of each session is
+  timed per window (``tick_interval``). While more than one session sent in the window, a
+  session that used more than ``ingress_share`` of it is over its share: its messages are
+  *parked* (at most ``park_max`` per session, run first, in order, once it has credit again)
+  and beyond that *refused* (``Broker.refuse``: QoS 0 dropped and counted, QoS 1 and
+  requests answered ERROR OVERLOADED). Its PINGs, ACKs and YIELDs run at once either way
+  (``Broker.split_control``). A ROUTER cannot stop reading one peer; what it can bound is
+  the work and memory one peer costs, and ``rcvhwm`` bounds what ZeroMQ holds for it.
 - **Writing**: after each burst (and each timer tick) every session with queued output gets
   its bodies (at most ``max_batch`` commands each) sent with ``NOBLOCK``; a body refused at
   the high-water mark is handed back to the broker (``stalled``), which keeps it, applies
-  the slow-consumer policy and disconnects the session past ``stuck_timeout``. So outgoing
+  the slow-consumer policy and disconnects the session past ``stuck_timeout`` (the session
+  stays blocked until its queues drained, so ``sndhwm`` bodies are all that can sit in
+  ZeroMQ unseen). So outgoing
   traffic is batched per peer per loop iteration, without a timer or sleep (no added
   latency at low load).
 - **Time**: ``loop.time()`` is the ``now`` given to the broker; a timer calls
@@ -26,9 +37,11 @@ Thin glue around :class:`~macula.control.broker.Broker` (which holds all the log
   driver flushes what the broker gave the shards during this iteration (one message per
   shard), and each timer tick lets the pool restart a shard process that died. The pool
   calls back ``flush_output`` after it handed the shards' EVENTs to the broker.
-- **Backpressure from the mesh** (``gate``): while the node's links to other nodes cannot
-  take more (``Mesh.may_read()`` is False), the driver stops reading clients; ZeroMQ's
-  high-water marks then hold the publishers back. ``resume()`` reads again.
+- **Backpressure** (``gate``): while what clients send cannot go on (the node's links to
+  other nodes are congested, a delivery shard is behind: ``Node._may_read``), the driver
+  stops reading clients; ZeroMQ's high-water marks then hold the publishers back.
+  ``resume()`` reads again (the mesh calls it; the driver also re-checks the gate after
+  every shard reply and every tick).
 - **Disconnects**: ZeroMQ does not tell a ROUTER when a peer goes. The driver records the
   socket file descriptor a new peer's first message came from (``zmq.SRCFD``), watches the
   socket monitor for ``EVENT_DISCONNECTED`` on that descriptor, then probes the identity
