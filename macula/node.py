@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -35,6 +36,7 @@ from macula.shards.pool import ShardPool
 from macula.wire import NodeIdentity
 
 SHARD_BACKLOG = 1  # batches a shard may have unanswered before the node stops reading clients
+SHARD_STALL = 2.0  # but a shard silent this long (seconds) is hung: read on
 
 
 class Node:
@@ -81,19 +83,28 @@ class Node:
                 self.registry, config.metrics_host, config.metrics_port, self.ready
             )
         self._stopping = False
+        self._shards_behind_since: float | None = None
 
     def _may_read(self) -> bool:
         """The control driver's gate: read clients only while what they send can go on —
-        the mesh's links are not congested and no delivery shard has more than
-        ``SHARD_BACKLOG`` batches unanswered (the ZeroMQ high-water marks then hold the
-        clients back; nothing piles up in the node)."""
+        the mesh's links are not congested and no delivery shard has ``SHARD_BACKLOG``
+        batches unanswered (the ZeroMQ high-water marks then hold the clients back; nothing
+        piles up in the node) — unless that shard has not answered for ``SHARD_STALL``
+        seconds (hung: reading on lets the pool find it and restart it)."""
         if self.mesh is not None and not self.mesh.may_read():
             return False
         shards = self.shards
         if shards is not None:
-            for sh in shards.shards:
-                if sh.up and sh.outstanding >= SHARD_BACKLOG:
+            if any(sh.up and sh.outstanding >= SHARD_BACKLOG for sh in shards.shards):
+                now = time.monotonic()
+                if self._shards_behind_since is None:
+                    self._shards_behind_since = now
+                if now - self._shards_behind_since < SHARD_STALL:
                     return False
+                # not one answer for SHARD_STALL s: the shard is hung, not busy; read on,
+                # and the pool kills it once it has max_backlog batches unanswered
+            else:
+                self._shards_behind_since = None
         return True
 
     def _make_mesh(self, config: NodeConfig) -> Mesh:

@@ -9,6 +9,8 @@ a slow consumer and for ``/metrics`` while the node's loop is stuck. Deadlines a
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -244,3 +246,29 @@ def test_metrics_answer_while_the_nodes_loop_is_stuck() -> None:
         time.sleep(4.0)
         # afterwards the loop's lateness shows
         assert metric(get(url, 10), "macula_loop_lag_seconds") >= 1.0
+
+
+def test_a_hung_shard_does_not_stop_the_node_reading_its_clients() -> None:
+    """The node stops reading while a shard has a batch unanswered; a shard that never
+    answers (stopped) must not stop it for good: after SHARD_STALL it reads on."""
+    cfg = NodeConfig(mesh_port=-1, endpoints=["tcp://127.0.0.1:0"], metrics_port=-1,
+                     shards=2, tick_interval=0.02)
+    ctx: zmq.Context[Any] = zmq.Context()
+    pid = 0
+    try:
+        with NodeThread(cfg) as n:
+            pub, other = Raw(ctx, n.endpoint), Raw(ctx, n.endpoint)
+            pub.hello("pub")
+            other.hello("other")
+            pid = int(n.stats()["shards"][0]["pid"])
+            os.kill(pid, signal.SIGSTOP)
+            pub.send([14, "t/x", b"to the stopped shard"])
+            time.sleep(0.5)  # the batch went to the stopped shard: the node stops reading
+            other.send([4, 5])
+            assert isinstance(other.until(is_(p.Pong, token=5), 20), p.Pong)
+            os.kill(pid, signal.SIGKILL)
+            pid = 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        ctx.destroy(linger=0)
