@@ -284,10 +284,9 @@ def _slow_reader(endpoint: str, ready: MpEvent, stop: MpEvent, out: MpQueue[Any]
         if not sock.poll(100):
             continue
         cmds = dec.decode(sock.recv_multipart()[1])
-        now = _now_ns()
         for c in cmds:
-            if c[0] == 16 and c[5][:1] == b"F":
-                ages.append((now - STAMP.unpack_from(c[5], 1)[0]) / 1e9)
+            if c[0] == 16 and c[5][:1] == b"F":  # the age of the data as it is used
+                ages.append((_now_ns() - STAMP.unpack_from(c[5], 1)[0]) / 1e9)
                 got += 1
                 time.sleep(0.01)
                 if time.monotonic() - last_ping > 1.0:
@@ -295,8 +294,8 @@ def _slow_reader(endpoint: str, ready: MpEvent, stop: MpEvent, out: MpQueue[Any]
                     last_ping = time.monotonic()  # 100 EVENTs a second
                 if stop.is_set():
                     break
-            elif c[0] == 6:
-                byes.append(c[1])
+            elif c[0] == 6 or (c[0] == 3 and c[2] == 8):  # BYE, or NOT_WELCOMED to a PING
+                byes.append(c[1] if c[0] == 6 else "closed")
     out.put(("slow", max(ages, default=0.0), len(ages), byes))
     sock.close(0)
     ctx.term()
@@ -406,6 +405,13 @@ def one_run(args: argparse.Namespace, seconds: float) -> Result:
         probe.halt.set()
         probe.join(15)
         ma, mb = scrape(a_port), scrape(b_port)
+        try:
+            ctx, sock = _open(a.endpoint, "stats")
+            st = _request(sock, [30, 9], 31)[2]
+            _close(ctx, sock)
+            mesh_congested = int(st.get("mesh", {}).get("congested_total", 0))
+        except (RuntimeError, TimeoutError):
+            mesh_congested = -1
     lat_d, _ = results["sub"][0], results["sub"][1]
     sent, acks, pnote = results["paced"]
     lat = sorted(lat_d.values())
@@ -432,7 +438,13 @@ def one_run(args: argparse.Namespace, seconds: float) -> Result:
             f"RSS {rss0 / 2**20:.0f} -> {probe.rss_max / 2**20:.0f} MB; /metrics {probe.scrapes} "
             f"scrapes, {probe.failures} failed; flooder sent {flood_sent:,}, "
             f"errors {flood_errors}, BYE {flood_byes}; A closed sessions {closed}; "
-            f"A drops {_labels(ma, 'macula_drops_total')}")
+            f"A drops {_labels(ma, 'macula_drops_total')}; A gated "
+            f"{ma.get('macula_ingress_gated_total', 0):.0f} times, parked "
+            f"{ma.get('macula_ingress_parked_total', 0):.0f}, refused "
+            f"{ma.get('macula_ingress_refused_total', 0):.0f}, loop lag max (last 10-20 s) "
+            f"{ma.get('macula_loop_lag_seconds', 0):.3f} s, mesh congested {mesh_congested} "
+            f"times, mesh drops {_labels(ma, 'macula_mesh_drops_total')}, mesh QoS 1 re-sent "
+            f"{ma.get('macula_mesh_qos1_resent_total', 0):.0f}")
     if "slow" in results:
         age, n, byes = results["slow"]
         fig["slow_age_max_s"] = age
