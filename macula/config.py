@@ -57,8 +57,8 @@ class NodeConfig:
     metrics_port: int = 9464
     curve_secret_key_file: str = ""
     curve_allow_dir: str = ""
-    sndhwm: int = 10_000
-    rcvhwm: int = 10_000
+    sndhwm: int = 100  # bodies per client queued in ZeroMQ (docs/NODE.md, "Overload")
+    rcvhwm: int = 100
     tick_interval: float = 0.05
     io_threads: int = 1
     shards: int = field(default_factory=default_shards)

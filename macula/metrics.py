@@ -10,16 +10,22 @@ custom collector reads ``Broker.stats()`` at scrape time, so the figures served 
 ``/metrics`` are exactly those a client gets with STATS. Each node has its own
 ``CollectorRegistry``: two nodes in one process do not mix their figures.
 
-The HTTP server is a few lines of asyncio on the node's own loop (no thread): ``GET
-/metrics`` (Prometheus text format), ``GET /healthz`` (200 while the loop runs) and ``GET
-/readyz`` (200 once the control socket is bound and until shutdown begins, else 503).
+The HTTP server is a few lines of asyncio on a loop in its own thread, so that it answers
+while the node's loop is busy (the figures themselves are still collected on the node's
+loop; see :class:`MetricsServer`): ``GET /metrics`` (Prometheus text format), ``GET
+/healthz`` (200 while the process serves) and ``GET /readyz`` (200 once the control socket
+is bound and until shutdown begins, else 503). :class:`LoopMonitor` measures how late the
+node's loop runs its timers (``macula_loop_lag_seconds``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -52,6 +58,20 @@ _SPEC: tuple[tuple[str, str, str, str, str], ...] = (
     ("queued_pending_qos1", "macula_queued_qos1_messages", "gauge",
      "QoS 1 deliveries waiting for window space", ""),
     ("stalled_sessions", "macula_stalled_sessions", "gauge", "Sessions at their HWM", ""),
+    ("blocked_total", "macula_sessions_blocked", "counter",
+     "Times a session's socket was full (ZeroMQ SNDHWM reached: it became blocked)", ""),
+    ("blocked_seconds_max", "macula_blocked_seconds_max", "gauge",
+     "How long the longest-blocked session has been behind (0: none)", ""),
+    ("ingress_parked", "macula_ingress_parked_messages", "gauge",
+     "Messages of sessions over their ingress share, waiting", ""),
+    ("ingress_parked_total", "macula_ingress_parked", "counter",
+     "Messages parked because their session was over its ingress share", ""),
+    ("ingress_refused_total", "macula_ingress_refused", "counter",
+     "Messages refused because their session was over its share and its park was full", ""),
+    ("ingress_gated_total", "macula_ingress_gated", "counter",
+     "Times the node stopped reading clients (mesh links or shards behind)", ""),
+    ("loop_lag_seconds", "macula_loop_lag_seconds", "gauge",
+     "Largest lateness of the node's event loop over the last 10 to 20 s", ""),
     ("drops_total", "macula_drops", "counter", "Messages dropped, by reason", "reason"),
     ("messages_from_mesh_refused_total", "macula_messages_from_mesh_refused", "counter",
      "QoS 1 messages from other nodes refused for want of room (the sender re-sends)", ""),
@@ -217,27 +237,152 @@ def make_registry(stats: Callable[[], dict[str, Any]]) -> CollectorRegistry:
     return registry
 
 
+class LoopMonitor:
+    """How late the node's event loop runs a timer: a callback every ``interval`` seconds
+    records its lateness. ``lag()`` is the largest lateness of the last 10 to 20 s, ``beat``
+    the loop time of the last run (the metrics thread reads both without the loop)."""
+
+    def __init__(self, interval: float = 0.1, window: float = 10.0) -> None:
+        self.interval = interval
+        self.window = window
+        self.beat = 0.0
+        self._due = 0.0
+        self._cur = 0.0  # largest lag of this window
+        self._prev = 0.0  # of the previous window
+        self._window_end = 0.0
+        self.lag_max = 0.0  # since start
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.beat = now
+        self._window_end = now + self.window
+        self._due = now + self.interval
+        self._handle = loop.call_at(self._due, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        late = max(0.0, now - self._due)
+        self.beat = now
+        if now >= self._window_end:
+            self._prev, self._cur = self._cur, 0.0
+            self._window_end = now + self.window
+        self._cur = max(self._cur, late)
+        self.lag_max = max(self.lag_max, late)
+        self._due = now + self.interval
+        self._handle = loop.call_at(self._due, self._tick)
+
+    def lag(self) -> float:
+        return max(self._cur, self._prev)
+
+
 class MetricsServer:
-    """``/metrics``, ``/healthz``, ``/readyz`` over HTTP/1.0 on the running loop."""
+    """``/metrics``, ``/healthz``, ``/readyz`` over HTTP/1.0, served by a thread of its own.
+
+    The HTTP side (accepting, reading requests, writing answers) runs on an event loop in a
+    daemon thread, so that it answers while the node's loop is busy. The figures are
+    collected on the node's loop (``call_soon_threadsafe``: ``Broker.stats()`` is never read
+    from another thread); when the node's loop does not run the collection within
+    ``fresh_timeout`` seconds, the last collected figures are served, with
+    ``macula_metrics_age_seconds`` saying how old they are (503 if there are none yet).
+    """
 
     def __init__(
-        self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]
+        self, registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool],
+        *, fresh_timeout: float = 0.5,
     ) -> None:
         self.registry = registry
         self.host = host
         self.port = port
         self.ready = ready
+        self.fresh_timeout = fresh_timeout
+        self.stale_total = 0  # answers served from old figures
         self._server: asyncio.Server | None = None
+        self._node_loop: asyncio.AbstractEventLoop | None = None
+        self._http_loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._last: bytes | None = None
+        self._last_at = 0.0
+        self._lock = threading.Lock()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._node_loop = asyncio.get_running_loop()
+        started: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, args=(started,),
+                                        name="macula-metrics", daemon=True)
+        self._thread.start()
+        self.port = await asyncio.wrap_future(started)
+        self._refresh()
+
+    def _main(self, started: concurrent.futures.Future[int]) -> None:
+        loop = self._http_loop = asyncio.new_event_loop()
+        try:
+            server = loop.run_until_complete(
+                asyncio.start_server(self._handle, self.host, self.port))
+        except OSError as exc:
+            started.set_exception(exc)
+            loop.close()
+            return
+        self._server = server
+        started.set_result(server.sockets[0].getsockname()[1])
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            loop.run_until_complete(server.wait_closed())
+            loop.close()
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        loop, thread = self._http_loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
+        self._thread = None
+        self._server = None
+
+    def _refresh(self) -> None:
+        """On the node's loop: collect the figures now."""
+        body = generate_latest(self.registry)
+        with self._lock:
+            self._last = body
+            self._last_at = time.monotonic()
+
+    async def _metrics(self) -> bytes | None:
+        """On the HTTP thread: fresh figures, or the last ones when the node is too busy."""
+        node = self._node_loop
+        done = threading.Event()
+
+        def collect() -> None:
+            try:
+                self._refresh()
+            finally:
+                done.set()
+
+        if node is not None and not node.is_closed():
+            with contextlib.suppress(RuntimeError):  # the node's loop closed meanwhile
+                node.call_soon_threadsafe(collect)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, done.wait, self.fresh_timeout)
+        with self._lock:
+            body, at = self._last, self._last_at
+        if body is None:
+            return None
+        age = time.monotonic() - at
+        if not done.is_set():
+            self.stale_total += 1
+        return body + (
+            "# HELP macula_metrics_age_seconds Age of these figures (the node's loop was busy)\n"
+            "# TYPE macula_metrics_age_seconds gauge\n"
+            f"macula_metrics_age_seconds {age:.3f}\n").encode()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -250,7 +395,11 @@ class MetricsServer:
             if parts[:1] != ["GET"]:
                 status, body = "405 Method Not Allowed", b"GET only\n"
             elif path == "/metrics":
-                status, body, ctype = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
+                figures = await self._metrics()
+                if figures is None:
+                    status, body = "503 Service Unavailable", b"no figures yet\n"
+                else:
+                    status, body, ctype = "200 OK", figures, CONTENT_TYPE_LATEST
             elif path == "/healthz":
                 status, body = "200 OK", b"ok\n"
             elif path == "/readyz":

@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -32,10 +33,13 @@ from macula.config import NodeConfig, host_port
 from macula.control.broker import Broker
 from macula.control.server import ControlServer, CurveSettings
 from macula.mesh.service import Mesh, MeshConfig
-from macula.metrics import MetricsServer, make_registry
+from macula.metrics import LoopMonitor, MetricsServer, make_registry
 from macula.shards.pool import ShardPool
 from macula.wire import NodeIdentity
 from macula.wire.identity import KEY_FILE_NAME
+
+SHARD_BACKLOG = 1  # batches a shard may have unanswered before the node stops reading clients
+SHARD_STALL = 2.0  # but a shard silent this long (seconds) is hung: read on
 
 
 class Node:
@@ -69,10 +73,12 @@ class Node:
             tick_interval=config.tick_interval,
             io_threads=config.io_threads,
             shards=self.shards,
-            gate=self.mesh.may_read if self.mesh is not None else None,
+            gate=self._may_read,
         )
         if self.mesh is not None:
             self.mesh.on_uncongested = self.server.resume
+        self.monitor = LoopMonitor()
+        self.server.loop_lag = self.monitor.lag
         self.registry = make_registry(self.broker.stats)
         self.metrics: MetricsServer | None = None
         if config.metrics_port >= 0:
@@ -80,6 +86,29 @@ class Node:
                 self.registry, config.metrics_host, config.metrics_port, self.ready
             )
         self._stopping = False
+        self._shards_behind_since: float | None = None
+
+    def _may_read(self) -> bool:
+        """The control driver's gate: read clients only while what they send can go on —
+        the mesh's links are not congested and no delivery shard has ``SHARD_BACKLOG``
+        batches unanswered (the ZeroMQ high-water marks then hold the clients back; nothing
+        piles up in the node) — unless that shard has not answered for ``SHARD_STALL``
+        seconds (hung: reading on lets the pool find it and restart it)."""
+        if self.mesh is not None and not self.mesh.may_read():
+            return False
+        shards = self.shards
+        if shards is not None:
+            if any(sh.up and sh.outstanding >= SHARD_BACKLOG for sh in shards.shards):
+                now = time.monotonic()
+                if self._shards_behind_since is None:
+                    self._shards_behind_since = now
+                if now - self._shards_behind_since < SHARD_STALL:
+                    return False
+                # not one answer for SHARD_STALL s: the shard is hung, not busy; read on,
+                # and the pool kills it once it has max_backlog batches unanswered
+            else:
+                self._shards_behind_since = None
+        return True
 
     def _make_mesh(self, config: NodeConfig) -> Mesh:
         if (config.mesh_host in ("0.0.0.0", "::", "") and not config.mesh_advertise
@@ -155,11 +184,13 @@ class Node:
             raise
         if self.mesh is not None:
             await self.mesh.join()
+        self.monitor.start()
         if self.metrics is not None:
             await self.metrics.start()
 
     async def stop(self) -> None:
         self._stopping = True
+        self.monitor.stop()
         await self.server.stop()
         if self.mesh is not None:
             await self.mesh.stop()

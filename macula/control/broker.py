@@ -47,8 +47,15 @@ Queues per session (all bounded; every drop counted in ``drops[reason]``)
     beyond ``max_queue_reliable`` the session is disconnected (SLOW_CONSUMER).
     ``pending1`` QoS 1 deliveries waiting for window space, at most ``max_pending_qos1``:
     beyond it the session takes no new QoS 1 work (the publisher's PUBACK says
-    QUOTA_EXCEEDED). A session whose socket stays blocked for ``stuck_timeout`` seconds is
-    disconnected (SLOW_CONSUMER).
+    QUOTA_EXCEEDED). A session whose socket refused a body is *blocked* until its queues
+    have drained completely; blocked for ``stuck_timeout`` seconds, it is disconnected
+    (SLOW_CONSUMER).
+
+Ingress
+    ``receive`` is ``decode`` (checks, HELLO) then ``run``; the driver may hold decoded
+    commands of a session over its share, run its control commands first
+    (``split_control``) or ``refuse`` them (QoS 0 dropped and counted, the rest ERROR
+    OVERLOADED).
 
 Costs: a PUBLISH is one trie match (cached per incoming message for repeated topics) plus
 one concatenation and one deque append per subscriber; ``tick`` is O(sessions + expired
@@ -72,6 +79,7 @@ from macula.control import protocol as p
 from macula.control.protocol import Code, Err, PubackReason
 
 _EVENT_HEAD = b"\x97" + bytes((int(Code.EVENT),))
+_CONTROL = frozenset((p.Ping, p.Ack, p.Yield, p.YieldError))
 _STRATEGIES = ("round_robin", "random", "first", "lowest_latency")
 _enc = p.encode
 
@@ -100,7 +108,7 @@ class Limits:
     max_attempts: int = 5
     call_timeout: float = 10.0
     max_call_timeout: float = 300.0
-    stuck_timeout: float = 30.0
+    stuck_timeout: float = 10.0
     dedup_window: int = 1_000
     dedup_ttl: float = 60.0
 
@@ -399,6 +407,8 @@ class Broker:
         self.by_sid: dict[int, Session] = {}
         self.fanout: Fanout | None = None
         self.mesh: MeshHook | None = None
+        # the control driver's ingress figures (parked / refused input), merged into stats()
+        self.ingress_stats: Callable[[], dict[str, Any]] | None = None
         self.mesh_in = 0  # messages from other nodes
         self.mesh_refused = 0  # ... refused for want of room (not lost: the sender re-sends)
         self._pending: dict[int, PendingPub] = {}
@@ -423,10 +433,11 @@ class Broker:
         self.bytes_in = 0
         self.commands_in = 0
         self.sessions_opened = 0
+        self.blocked_total = 0  # times a session's socket refused a body (it became blocked)
         self.closed_by: dict[str, int] = {}
         self.drops: dict[str, int] = dict.fromkeys(
             ("qos0_queue_full", "qos1_queue_full", "qos1_expired", "retained_full",
-             "session_closed", "no_group_member"), 0)
+             "session_closed", "no_group_member", "ingress_throttled"), 0)
         self.errors: dict[str, int] = {e.name: 0 for e in Err}
         self._handlers: dict[type[Any], Callable[[Session, Any], None]] = {
             p.Ping: self._on_ping,
@@ -446,6 +457,14 @@ class Broker:
     # -- input ----------------------------------------------------------------------------
     def receive(self, identity: bytes, frames: list[bytes], now: float) -> None:
         """One ZeroMQ message from ``identity`` (the frames after the routing identity)."""
+        got = self.decode(identity, frames, now)
+        if got is not None:
+            self.run(*got)
+
+    def decode(self, identity: bytes, frames: list[bytes],
+               now: float) -> tuple[Session, list[Any]] | None:
+        """The first half of :meth:`receive`: check and decode one message (a session is
+        opened by its HELLO here). None when nothing is left to run (answered already)."""
         self.now = now
         session = self.sessions.get(identity)
         if session is not None:
@@ -467,15 +486,49 @@ class Broker:
             commands = p.decode_commands(body)
         except p.ProtocolError as exc:
             self._error_to(identity, session, 0, exc.code, exc.message)
-            return
+            return None
         self.commands_in += len(commands)
         if session is None:
             session = self._welcome_first(identity, commands, now)
             if session is None:
-                return
+                return None
+        return session, commands
+
+    def run(self, session: Session, commands: list[Any]) -> None:
+        """The second half of :meth:`receive`: carry out decoded commands of ``session``."""
         self._run(session, commands)
         if len(session.q1) > self.limits.max_queue_reliable:
             self._to_close.append((session, Err.SLOW_CONSUMER, "reliable queue overflow"))
+        self._process_closes()
+
+    def split_control(self, commands: list[Any]) -> tuple[list[Any], list[Any]]:
+        """(the commands that must not wait behind a session's data, the others): PING,
+        ACK, YIELD and YIELD_ERROR (they are cheap and free resources), in order."""
+        urgent = [c for c in commands if type(c) in _CONTROL]
+        if not urgent:
+            return urgent, commands
+        return urgent, [c for c in commands if type(c) not in _CONTROL]
+
+    def refuse(self, s: Session, commands: list[Any]) -> None:
+        """``s`` sent more than its share while the node was busy (the driver's ingress
+        credit): its PUBLISHes are not routed. QoS 0 ones are dropped and counted
+        (``ingress_throttled``); QoS 1 ones, and requests, get ERROR ``OVERLOADED`` (the
+        client may send them again later); control commands run."""
+        dropped = 0
+        busy = "the node is busy and this session is over its share: send again later"
+        for cmd in commands:
+            t = type(cmd)
+            if t is p.Publish:
+                if cmd.qos:
+                    self._error(s, cmd.mid, Err.OVERLOADED, busy)
+                else:
+                    dropped += 1
+            elif t in _CONTROL or t is p.BadCommand or t is p.Bye:
+                self._run(s, [cmd])
+            else:
+                ref = getattr(cmd, "rid", 0)
+                self._error(s, ref if type(ref) is int else 0, Err.OVERLOADED, busy)
+        self.drops["ingress_throttled"] += dropped
         self._process_closes()
 
     def _run(self, s: Session, commands: list[Any]) -> None:
@@ -1212,6 +1265,7 @@ class Broker:
         n1, n0, ns = len(q1), len(q0), s.qs_n
         if n1 + n0 + ns == 0:
             s.dirty = False
+            s.stalled_since = None  # caught up: everything queued went into the socket
             return None
         cap = self.limits.max_batch
         qs = s.qs
@@ -1241,8 +1295,9 @@ class Broker:
         return p.array_header(count) + b"".join(items)
 
     def sent(self, s: Session) -> None:
-        """The driver sent a body to ``s``: it is not stalled."""
-        s.stalled_since = None
+        """The driver sent a body to ``s``. A session stays *blocked* (``stalled_since``)
+        until its queues are empty (``next_body`` found nothing): a consumer that reads
+        but never catches up is as slow as one that does not read at all."""
 
     def stalled(self, s: Session, body: bytes, now: float) -> None:
         """The socket refused ``body`` (peer at its high-water mark): keep it for later."""
@@ -1250,6 +1305,7 @@ class Broker:
         self._stalled.append(s)
         if s.stalled_since is None:
             s.stalled_since = now
+            self.blocked_total += 1
 
     # -- figures --------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -1278,10 +1334,14 @@ class Broker:
             "queued_reliable": sum(len(s.q1) for s in sessions),
             "queued_pending_qos1": sum(len(s.pending1) for s in sessions),
             "stalled_sessions": sum(1 for s in sessions if s.stalled_since is not None),
+            "blocked_total": self.blocked_total,
+            "blocked_seconds_max": max((self.now - s.stalled_since for s in sessions
+                                        if s.stalled_since is not None), default=0.0),
             "messages_from_mesh_total": self.mesh_in,
             "messages_from_mesh_refused_total": self.mesh_refused,
             "drops_total": dict(self.drops),
             "errors_total": {k: v for k, v in self.errors.items() if v},
+            **(self.ingress_stats() if self.ingress_stats is not None else {}),
             **({"shards": self.fanout.stats()} if self.fanout is not None else {}),
             **({"mesh": self.mesh.stats()} if self.mesh is not None else {}),
         }

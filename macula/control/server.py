@@ -11,13 +11,24 @@ Thin glue around :class:`~macula.control.broker.Broker` (which holds all the log
 - **Reading**: the socket is a plain pyzmq socket whose ``FD`` is registered with the event
   loop (``loop.add_reader``), not a ``zmq.asyncio`` socket: one wake-up drains up to
   ``burst`` messages (or ``burst_commands`` commands, so that the bounded outgoing queues are
-  flushed before they fill) with non-blocking ``recv`` calls and no Future per message. The ZeroMQ
-  FD is edge-triggered, so after every burst and every flush the driver re-checks
-  ``EVENTS & POLLIN`` and reschedules itself when more is waiting.
+  flushed before they fill, or ``read_slice`` seconds of work, so that timers, the mesh and
+  the rest of the loop run between batches) with non-blocking ``recv`` calls and no Future
+  per message. The ZeroMQ FD is edge-triggered, so after every burst and every flush the
+  driver re-checks ``EVENTS & POLLIN`` and reschedules itself when more is waiting.
+- **Ingress share** (overload isolation): the input work (decode + run) of each session is
+  timed per window (``tick_interval``). While more than one session sent in the window, a
+  session that used more than ``ingress_share`` of it is over its share: its messages are
+  *parked* (at most ``park_max`` per session, run first, in order, once it has credit again)
+  and beyond that *refused* (``Broker.refuse``: QoS 0 dropped and counted, QoS 1 and
+  requests answered ERROR OVERLOADED). Its PINGs, ACKs and YIELDs run at once either way
+  (``Broker.split_control``). A ROUTER cannot stop reading one peer; what it can bound is
+  the work and memory one peer costs, and ``rcvhwm`` bounds what ZeroMQ holds for it.
 - **Writing**: after each burst (and each timer tick) every session with queued output gets
   its bodies (at most ``max_batch`` commands each) sent with ``NOBLOCK``; a body refused at
   the high-water mark is handed back to the broker (``stalled``), which keeps it, applies
-  the slow-consumer policy and disconnects the session past ``stuck_timeout``. So outgoing
+  the slow-consumer policy and disconnects the session past ``stuck_timeout`` (the session
+  stays blocked until its queues drained, so ``sndhwm`` bodies are all that can sit in
+  ZeroMQ unseen). So outgoing
   traffic is batched per peer per loop iteration, without a timer or sleep (no added
   latency at low load).
 - **Time**: ``loop.time()`` is the ``now`` given to the broker; a timer calls
@@ -26,9 +37,11 @@ Thin glue around :class:`~macula.control.broker.Broker` (which holds all the log
   driver flushes what the broker gave the shards during this iteration (one message per
   shard), and each timer tick lets the pool restart a shard process that died. The pool
   calls back ``flush_output`` after it handed the shards' EVENTs to the broker.
-- **Backpressure from the mesh** (``gate``): while the node's links to other nodes cannot
-  take more (``Mesh.may_read()`` is False), the driver stops reading clients; ZeroMQ's
-  high-water marks then hold the publishers back. ``resume()`` reads again.
+- **Backpressure** (``gate``): while what clients send cannot go on (the node's links to
+  other nodes are congested, a delivery shard is behind: ``Node._may_read``), the driver
+  stops reading clients; ZeroMQ's high-water marks then hold the publishers back.
+  ``resume()`` reads again (the mesh calls it; the driver also re-checks the gate after
+  every shard reply and every tick).
 - **Disconnects**: ZeroMQ does not tell a ROUTER when a peer goes. The driver records the
   socket file descriptor a new peer's first message came from (``zmq.SRCFD``), watches the
   socket monitor for ``EVENT_DISCONNECTED`` on that descriptor, then probes the identity
@@ -41,6 +54,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -49,7 +64,7 @@ import zmq
 import zmq.backend
 from zmq.utils.monitor import parse_monitor_message
 
-from macula.control.broker import Broker
+from macula.control.broker import Broker, Session
 from macula.control.protocol import SIGNATURE
 
 _EMPTY_BODY = b"\x90"
@@ -86,11 +101,14 @@ class ControlServer:
         endpoints: list[str],
         *,
         curve: CurveSettings | None = None,
-        sndhwm: int = 10_000,
-        rcvhwm: int = 10_000,
+        sndhwm: int = 100,
+        rcvhwm: int = 100,
         tick_interval: float = 0.05,
         burst: int = 512,
         burst_commands: int = 4096,
+        read_slice: float = 0.01,
+        ingress_share: float = 0.5,
+        park_max: int = 4,
         io_threads: int = 1,
         shards: ShardBus | None = None,
         gate: Callable[[], bool] | None = None,
@@ -106,9 +124,20 @@ class ControlServer:
         self.tick_interval = tick_interval
         self.burst = burst
         self.burst_commands = burst_commands
+        self.read_slice = read_slice  # seconds of input work per wake-up, at most
+        self.ingress_share = ingress_share
+        self._share = ingress_share * tick_interval  # seconds per window per session
+        self.park_max = park_max
+        self._used: dict[bytes, float] = {}  # this window: identity -> seconds of input work
+        self._parked: dict[bytes, deque[tuple[Session, list[Any]]]] = {}
+        self.parked_total = 0
+        self.refused_total = 0
+        self.gated_total = 0
         self.io_threads = io_threads
         self.shards = shards
-        self.gate = gate  # False: do not read clients now (the mesh is congested)
+        self.gate = gate  # False: do not read clients now (the mesh or shards are behind)
+        broker.ingress_stats = self.stats
+        self.loop_lag: Callable[[], float] | None = None  # the node's LoopMonitor.lag
         self._gated = False
         if shards is not None:
             shards.on_output = self.flush_output
@@ -193,6 +222,7 @@ class ControlServer:
             return
         if self.gate is not None and not self.gate():
             self._gated = True  # resume() reads again
+            self.gated_total += 1
             return
         sock = self._sock
         loop = self._loop
@@ -200,40 +230,116 @@ class ControlServer:
         broker = self.broker
         sessions = broker.sessions
         now = loop.time()
+        clock = time.perf_counter
+        deadline = clock() + self.read_slice
+        if self._parked:
+            self._drain_parked(deadline)
         recv = _raw_recv.__get__(sock) if _raw_recv is not None else sock.recv
         getopt = sock.getsockopt
         rcvmore = zmq.RCVMORE
+        used = self._used
+        parked = self._parked
         n = 0
         budget = broker.commands_in + self.burst_commands
+        full = False
         while n < self.burst and broker.commands_in < budget:
+            if clock() > deadline:
+                full = True
+                break
             try:
                 ident = recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             n += 1
+            t0 = clock()
             frames: list[bytes] = []
+            fd = -1
             if ident in sessions:
                 while getopt(rcvmore):
                     frames.append(recv())
-                broker.receive(ident, frames, now)
-                continue
-            fd = -1
-            if getopt(rcvmore):
+            elif getopt(rcvmore):
                 first = sock.recv(copy=False)
                 with contextlib.suppress(zmq.ZMQError):
                     fd = int(first.get(zmq.SRCFD))
                 frames.append(first.bytes)
                 while getopt(rcvmore):
                     frames.append(recv())
-            broker.receive(ident, frames, now)
+            got = broker.decode(ident, frames, now)
+            if got is not None:
+                s, commands = got
+                if ident in parked or self._over_share(ident):
+                    self._park(s, commands)
+                else:
+                    broker.run(s, commands)
+            used[ident] = used.get(ident, 0.0) + clock() - t0
             if fd >= 0 and ident in sessions:
                 self._fd_peer[fd] = ident
         self._flush(now)
-        self._recheck(force=n >= self.burst or broker.commands_in >= budget)
+        self._recheck(force=full or n >= self.burst or broker.commands_in >= budget
+                      or bool(self._parked and not self._all_over_share()))
+
+    # -- ingress credit ---------------------------------------------------------------------
+    def _over_share(self, ident: bytes) -> bool:
+        """While another session also sent during this window, a session may use at most
+        ``ingress_share`` of the window's time for its input."""
+        used = self._used
+        return len(used) > 1 and used.get(ident, 0.0) > self._share
+
+    def _all_over_share(self) -> bool:
+        return all(self._over_share(i) for i in self._parked)
+
+    def _park(self, s: Session, commands: list[Any]) -> None:
+        """``s`` is over its share: its control commands run now, the rest waits (at most
+        ``park_max`` messages per session); beyond that it is refused (``Broker.refuse``)."""
+        broker = self.broker
+        urgent, rest = broker.split_control(commands)
+        if urgent:
+            broker.run(s, urgent)
+        if not rest:
+            return
+        q = self._parked.get(s.identity)
+        if q is None:
+            q = self._parked[s.identity] = deque()
+        if len(q) < self.park_max:
+            q.append((s, rest))
+            self.parked_total += 1
+        else:
+            broker.refuse(s, rest)
+            self.refused_total += 1
+
+    def _drain_parked(self, deadline: float) -> None:
+        """Run parked input of the sessions that have credit again, oldest first."""
+        clock = time.perf_counter
+        broker = self.broker
+        used = self._used
+        for ident in list(self._parked):
+            q = self._parked[ident]
+            while q and not self._over_share(ident) and clock() < deadline:
+                s, commands = q.popleft()
+                t0 = clock()
+                if not s.closed:
+                    broker.run(s, commands)
+                used[ident] = used.get(ident, 0.0) + clock() - t0
+            if not q:
+                del self._parked[ident]
+
+    def parked(self) -> int:
+        """Messages parked now (all sessions)."""
+        return sum(len(q) for q in self._parked.values())
+
+    def stats(self) -> dict[str, Any]:
+        """The driver's figures (merged into the broker's STATS by the node)."""
+        return {
+            "ingress_parked": self.parked(),
+            "ingress_parked_total": self.parked_total,
+            "ingress_refused_total": self.refused_total,
+            "ingress_gated_total": self.gated_total,
+            **({"loop_lag_seconds": self.loop_lag()} if self.loop_lag is not None else {}),
+        }
 
     def resume(self) -> None:
-        """The gate opened again: read what waits."""
-        if self._gated:
+        """The gate may be open again: read what waits."""
+        if self._gated and (self.gate is None or self.gate()):
             self._gated = False
             self._recheck(force=True)
 
@@ -252,6 +358,7 @@ class ControlServer:
         if not self.running:
             return
         now = loop.time()
+        self._used = {}  # a new ingress window
         mon = self._mon
         if mon is not None and cast(int, mon.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._on_monitor()  # the FD is edge-triggered: never rely on it alone
@@ -261,7 +368,9 @@ class ControlServer:
             self.shards.check(now)
         self.broker.tick(now)
         self._flush(now)
-        self._recheck()
+        if self._gated:
+            self.resume()
+        self._recheck(force=bool(self._parked))
         self._timer = loop.call_later(self.tick_interval, self._on_tick)
 
     def _on_monitor(self) -> None:
@@ -310,6 +419,8 @@ class ControlServer:
         """Send what the broker has queued (the shard pool calls this after a reply)."""
         if self.running:
             self._flush(now)
+            if self._gated:
+                self.resume()
 
     def _flush(self, now: float) -> None:
         sock = self._sock
