@@ -413,16 +413,21 @@ def _macula_root() -> str:
 
 # -- traffic ----------------------------------------------------------------------------------
 def _client_options() -> dict[str, Any]:
-    """``reconnect=True`` when this macula's Client.connect takes it (the client reconnects
-    by itself); nothing otherwise."""
+    """Turn on the client's reconnecting by itself when this macula's ``Client.connect`` has
+    an option for it (a boolean parameter named ``*reconnect*``); nothing otherwise (a client
+    that always reconnects needs no option)."""
     from macula.client import Client
 
-    return {"reconnect": True} if "reconnect" in inspect.signature(Client.connect).parameters \
-        else {}
+    return {name: True for name, param in inspect.signature(Client.connect).parameters.items()
+            if "reconnect" in name and isinstance(param.default, bool)}
 
 
-def client_reconnects() -> bool:
-    return bool(_client_options())
+def client_reconnects() -> str:
+    """What the first output line says about the client reconnecting by itself."""
+    opts = _client_options()
+    if opts:
+        return "turned on with " + ", ".join(f"{k}=True" for k in opts)
+    return "no option for it in Client.connect (reconnects only if it always does)"
 
 
 class Ledger:
@@ -503,7 +508,7 @@ class Result:
     fault: dict[str, float] = field(default_factory=dict)  # start/end since traffic start
     subscriber_session: str = "open"
     client_log: dict[str, int] = field(default_factory=dict)  # the clients' log lines, counted
-    client_reconnects: bool = False
+    client_reconnects: str = ""  # whether the client was asked to reconnect by itself
     wall_seconds: float = 0.0
     events: list[str] = field(default_factory=list)
     counters: dict[str, Any] = field(default_factory=dict)
@@ -1157,8 +1162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import macula
 
     human = sys.stderr if args.json else sys.stdout  # --json: stdout is the JSON alone
-    print(f"macula {macula.__version__} from {_macula_root()}; client reconnects by itself: "
-          f"{'yes' if client_reconnects() else 'no'}; {settings.nodes} nodes, shards "
+    print(f"macula {macula.__version__} from {_macula_root()}; client reconnecting by "
+          f"itself: {client_reconnects()}; {settings.nodes} nodes, shards "
           f"{settings.shards}, {settings.rate:g} msg/s, {settings.pre:g} s before and "
           f"{settings.post:g} s after the fault"
           + "".join(f", {k}={v}" for k, v in settings.node_env.items()), file=human, flush=True)
