@@ -183,12 +183,12 @@ class Topology:
         ns = ["ip", "netns", "exec", self.ns(i), "nft"]
         return [
             [*ns, "add", "table", "inet", NFT_TABLE],
-            [*ns, "add chain inet mchaos in { type filter hook input priority -10 ; }"],
-            [*ns, "add chain inet mchaos out { type filter hook output priority -10 ; }"],
-            [*ns, f"add rule inet mchaos in iifname {DEV} numgen random mod 100 < {percent} "
+            [*ns, f"add chain inet {NFT_TABLE} in {{ type filter hook input priority -10 ; }}"],
+            [*ns, f"add chain inet {NFT_TABLE} out {{ type filter hook output priority -10 ; }}"],
+            [*ns, f"add rule inet {NFT_TABLE} in iifname {DEV} numgen random mod 100 < {percent} "
                   "counter drop"],
-            [*ns, f"add rule inet mchaos out oifname {DEV} numgen random mod 100 < {percent} "
-                  "counter drop"],
+            [*ns, f"add rule inet {NFT_TABLE} out oifname {DEV} numgen random mod 100 "
+                  f"< {percent} counter drop"],
         ]
 
     def unloss_cmd(self, i: int) -> list[str]:
