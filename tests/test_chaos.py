@@ -7,7 +7,7 @@ application, and delivery back after the fault (within the run's generous bounds
 timing goal: the time itself is the tool's output). It needs root, ``ip`` and ``nft``: in CI
 (``CI`` set; .ci/run installs iproute2 and nftables, CI runs as root) their absence FAILS
 the test; elsewhere it is skipped with the reason. Marked ``chaos``
-(``python -m pytest -m chaos`` runs these alone). About 45 s in all.
+(``python -m pytest -m chaos`` runs these alone). About 40 s in all.
 
 ``test_accounting``: the harness's arithmetic (lost, duplicated, not owed, resume) on a
 hand-made ledger; runs anywhere.

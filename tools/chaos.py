@@ -183,12 +183,12 @@ class Topology:
         ns = ["ip", "netns", "exec", self.ns(i), "nft"]
         return [
             [*ns, "add", "table", "inet", NFT_TABLE],
-            [*ns, "add chain inet mchaos in { type filter hook input priority -10 ; }"],
-            [*ns, "add chain inet mchaos out { type filter hook output priority -10 ; }"],
-            [*ns, f"add rule inet mchaos in iifname {DEV} numgen random mod 100 < {percent} "
+            [*ns, f"add chain inet {NFT_TABLE} in {{ type filter hook input priority -10 ; }}"],
+            [*ns, f"add chain inet {NFT_TABLE} out {{ type filter hook output priority -10 ; }}"],
+            [*ns, f"add rule inet {NFT_TABLE} in iifname {DEV} numgen random mod 100 < {percent} "
                   "counter drop"],
-            [*ns, f"add rule inet mchaos out oifname {DEV} numgen random mod 100 < {percent} "
-                  "counter drop"],
+            [*ns, f"add rule inet {NFT_TABLE} out oifname {DEV} numgen random mod 100 "
+                  f"< {percent} counter drop"],
         ]
 
     def unloss_cmd(self, i: int) -> list[str]:
@@ -283,11 +283,12 @@ class NodeProc:
     """
 
     def __init__(self, topo: Topology, index: int, *, shards: int = 0,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.topo = topo
         self.index = index
         self.shards = shards
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})
         self.data_dir = os.path.join(topo.tmp, f"n{index}")
         self.out_path = os.path.join(topo.tmp, f"n{index}.out")
         self.err_path = os.path.join(topo.tmp, f"n{index}.err")
@@ -320,6 +321,7 @@ class NodeProc:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_macula_root(), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.env)
         self._out_offset = os.path.getsize(self.out_path) if os.path.exists(self.out_path) else 0
         with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
@@ -411,16 +413,21 @@ def _macula_root() -> str:
 
 # -- traffic ----------------------------------------------------------------------------------
 def _client_options() -> dict[str, Any]:
-    """``reconnect=True`` when this macula's Client.connect takes it (the client reconnects
-    by itself); nothing otherwise."""
+    """Turn on the client's reconnecting by itself when this macula's ``Client.connect`` has
+    an option for it (a boolean parameter named ``*reconnect*``); nothing otherwise (a client
+    that always reconnects needs no option)."""
     from macula.client import Client
 
-    return {"reconnect": True} if "reconnect" in inspect.signature(Client.connect).parameters \
-        else {}
+    return {name: True for name, param in inspect.signature(Client.connect).parameters.items()
+            if "reconnect" in name and isinstance(param.default, bool)}
 
 
-def client_reconnects() -> bool:
-    return bool(_client_options())
+def client_reconnects() -> str:
+    """What the first output line says about the client reconnecting by itself."""
+    opts = _client_options()
+    if opts:
+        return "turned on with " + ", ".join(f"{k}=True" for k in opts)
+    return "no option for it in Client.connect (reconnects only if it always does)"
 
 
 class Ledger:
@@ -460,6 +467,7 @@ class Settings:
     drain: float = 10.0  # s at most to wait for owed messages after publishing stopped
     duration: float | None = None  # fault duration (None: the scenario's own)
     shards: int = 0  # each node's delivery shards
+    node_env: dict[str, str] = field(default_factory=dict)  # MACULA_* settings of every node
     loss_percent: int = 30
     restarts: int = 5  # restart-third: restarts in the fault's duration
     kill_down: float = 1.0  # kill9: seconds between kill -9 and the restart
@@ -500,7 +508,7 @@ class Result:
     fault: dict[str, float] = field(default_factory=dict)  # start/end since traffic start
     subscriber_session: str = "open"
     client_log: dict[str, int] = field(default_factory=dict)  # the clients' log lines, counted
-    client_reconnects: bool = False
+    client_reconnects: str = ""  # whether the client was asked to reconnect by itself
     wall_seconds: float = 0.0
     events: list[str] = field(default_factory=list)
     counters: dict[str, Any] = field(default_factory=dict)
@@ -525,7 +533,7 @@ class Run:
         self.s = settings
         self.fault_duration = fault_duration
         self.topo = Topology(settings.nodes)
-        self.nodes = [NodeProc(self.topo, i, shards=settings.shards)
+        self.nodes = [NodeProc(self.topo, i, shards=settings.shards, env=settings.node_env)
                       for i in range(1, settings.nodes + 1)]
         horizon = settings.pre + fault_duration + settings.post + 60.0
         self.ledger = Ledger(int(settings.rate * horizon) + 16)
@@ -1082,6 +1090,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drain", type=float, default=d.drain,
                     help="s at most to wait for owed messages once publishing stopped")
     ap.add_argument("--shards", type=int, default=d.shards, help="delivery shards per node")
+    ap.add_argument("--node-env", action="append", default=[], metavar="MACULA_X=VALUE",
+                    help="a setting of every node (docs/NODE.md), e.g. "
+                         "MACULA_TICK_INTERVAL=0.02 (repeatable)")
     ap.add_argument("--loss", type=int, default=d.loss_percent, dest="loss_percent",
                     help="loss scenario: percent of packets dropped each way")
     ap.add_argument("--restarts", type=int, default=d.restarts,
@@ -1115,6 +1126,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--loss must be 1..100"
     if not 1 <= args.restarts <= 100:
         return "--restarts must be 1..100"
+    for item in args.node_env:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.startswith("MACULA_"):
+            return f"--node-env takes MACULA_NAME=VALUE, not {item!r}"
     return None
 
 
@@ -1141,13 +1156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _exit_on_signal)
     settings = Settings(rate=args.rate, pre=args.pre, post=args.post, drain=args.drain,
                         duration=args.duration, shards=args.shards,
-                        loss_percent=args.loss_percent, restarts=args.restarts)
+                        loss_percent=args.loss_percent, restarts=args.restarts,
+                        node_env=dict(item.partition("=")[::2] for item in args.node_env))
     names = args.scenario or list(SCENARIOS)
     import macula
 
     human = sys.stderr if args.json else sys.stdout  # --json: stdout is the JSON alone
-    print(f"macula {macula.__version__} from {_macula_root()}; client reconnects by itself: "
-          f"{'yes' if client_reconnects() else 'no'}", file=human, flush=True)
+    print(f"macula {macula.__version__} from {_macula_root()}; client reconnecting by "
+          f"itself: {client_reconnects()}; {settings.nodes} nodes, shards "
+          f"{settings.shards}, {settings.rate:g} msg/s, {settings.pre:g} s before and "
+          f"{settings.post:g} s after the fault"
+          + "".join(f", {k}={v}" for k, v in settings.node_env.items()), file=human, flush=True)
     all_results: dict[str, list[Result]] = {}
     try:
         for name in names:
