@@ -231,9 +231,10 @@ class ControlServer:
         sessions = broker.sessions
         now = loop.time()
         clock = time.perf_counter
-        deadline = clock() + self.read_slice
-        if self._parked:
-            self._drain_parked(deadline)
+        start = clock()
+        deadline = start + self.read_slice
+        if self._parked:  # at most half the slice: the socket is read on every wake-up
+            self._drain_parked(start + self.read_slice / 2)
         recv = _raw_recv.__get__(sock) if _raw_recv is not None else sock.recv
         getopt = sock.getsockopt
         rcvmore = zmq.RCVMORE
