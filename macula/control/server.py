@@ -28,9 +28,8 @@ Thin glue around :class:`~macula.control.broker.Broker` (which holds all the log
   the high-water mark is handed back to the broker (``stalled``), which keeps it, applies
   the slow-consumer policy and disconnects the session past ``stuck_timeout`` (the session
   stays blocked until its queues drained, so ``sndhwm`` bodies are all that can sit in
-  ZeroMQ unseen). So outgoing
-  traffic is batched per peer per loop iteration, without a timer or sleep (no added
-  latency at low load).
+  ZeroMQ unseen). So outgoing traffic is batched per peer per loop iteration, without a
+  timer or sleep (no added latency at low load).
 - **Time**: ``loop.time()`` is the ``now`` given to the broker; a timer calls
   ``broker.tick(now)`` every ``tick_interval`` seconds.
 - **Shards** (optional, ``macula.shards.ShardPool``): before each flush to clients the
