@@ -38,7 +38,7 @@ from macula.shards.pool import ShardPool
 from macula.wire import NodeIdentity
 from macula.wire.identity import KEY_FILE_NAME
 
-SHARD_BACKLOG = 1  # batches a shard may have unanswered before the node stops reading clients
+SHARD_BACKLOG = 2  # batches a shard may have unanswered before the node stops reading clients
 SHARD_STALL = 2.0  # but a shard silent this long (seconds) is hung: read on
 
 

@@ -24,6 +24,7 @@ import zmq
 from macula.config import NodeConfig
 from macula.control import protocol as p
 from macula.control.broker import Limits
+from macula.control.protocol import Err
 from macula.demo import LocalMesh
 from macula.node import NodeThread
 
@@ -262,8 +263,9 @@ def test_a_hung_shard_does_not_stop_the_node_reading_its_clients() -> None:
             other.hello("other")
             pid = int(n.stats()["shards"][0]["pid"])
             os.kill(pid, signal.SIGSTOP)
-            pub.send([14, "t/x", b"to the stopped shard"])
-            time.sleep(0.5)  # the batch went to the stopped shard: the node stops reading
+            for _ in range(3):  # batches for the stopped shard: the node stops reading
+                pub.send([14, "t/x", b"to the stopped shard"])
+                time.sleep(0.3)
             other.send([4, 5])
             assert isinstance(other.until(is_(p.Pong, token=5), 20), p.Pong)
             os.kill(pid, signal.SIGKILL)
@@ -272,3 +274,26 @@ def test_a_hung_shard_does_not_stop_the_node_reading_its_clients() -> None:
         if pid:
             os.kill(pid, signal.SIGKILL)
         ctx.destroy(linger=0)
+
+
+def test_refused_input_gets_coded_answers_and_control_commands_still_run() -> None:
+    """What the driver refuses (a session over its share, its park full): QoS 0 dropped and
+    counted, QoS 1 and requests answered ERROR OVERLOADED with their ids, PING answered."""
+    from macula.control.broker import Broker
+
+    b = Broker()
+    b.receive(b"id", [SIG, p.encode([[1, 1, "r", "n", "", 0]])], 0.0)
+    s = b.sessions[b"id"]
+    b.take_dirty()
+    while b.next_body(s) is not None:  # the WELCOME
+        pass
+    cmds = p.decode_commands(p.encode([[14, "t", b"a", 1, 7], [14, "t", b"b"], [4, 3],
+                                       [10, 4, "t/#"], [14, "t", b"c", 1, 8]]))
+    b.refuse(s, cmds)
+    assert b.take_dirty() == [s]
+    out = list(p.decode_node_body(b.next_body(s)))
+    errors = {(c.ref, c.code) for c in out if isinstance(c, p.Error)}
+    assert errors == {(7, Err.OVERLOADED), (4, Err.OVERLOADED), (8, Err.OVERLOADED)}
+    assert p.Pong(3) in out
+    assert b.drops["ingress_throttled"] == 1 and b.errors["OVERLOADED"] == 3
+    assert b.messages_in == 0 and not s.subs  # nothing was routed or subscribed

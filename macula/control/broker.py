@@ -80,6 +80,9 @@ from macula.control.protocol import Code, Err, PubackReason
 
 _EVENT_HEAD = b"\x97" + bytes((int(Code.EVENT),))
 _CONTROL = frozenset((p.Ping, p.Ack, p.Yield, p.YieldError))
+_BUSY = "the node is busy and this session is over its share: send again later"
+_ERROR_HEAD = b"\x94" + bytes((int(Code.ERROR),))
+_OVERLOADED_TAIL = p.pack_uint(int(Err.OVERLOADED)) + p.encode(_BUSY)
 _STRATEGIES = ("round_robin", "random", "first", "lowest_latency")
 _enc = p.encode
 
@@ -514,21 +517,30 @@ class Broker:
         credit): its PUBLISHes are not routed. QoS 0 ones are dropped and counted
         (``ingress_throttled``); QoS 1 ones, and requests, get ERROR ``OVERLOADED`` (the
         client may send them again later); control commands run."""
-        dropped = 0
-        busy = "the node is busy and this session is over its share: send again later"
+        dropped = errors = 0
+        q1 = s.q1
+        pack = p.pack_uint
         for cmd in commands:
             t = type(cmd)
             if t is p.Publish:
-                if cmd.qos:
-                    self._error(s, cmd.mid, Err.OVERLOADED, busy)
+                if cmd.qos:  # ERROR (ref = mid, OVERLOADED): one concatenation, no encoding
+                    q1.append(_ERROR_HEAD + pack(cmd.mid) + _OVERLOADED_TAIL)
+                    errors += 1
                 else:
                     dropped += 1
             elif t in _CONTROL or t is p.BadCommand or t is p.Bye:
                 self._run(s, [cmd])
             else:
                 ref = getattr(cmd, "rid", 0)
-                self._error(s, ref if type(ref) is int else 0, Err.OVERLOADED, busy)
+                self._error(s, ref if type(ref) is int else 0, Err.OVERLOADED, _BUSY)
         self.drops["ingress_throttled"] += dropped
+        if errors:
+            self.errors["OVERLOADED"] += errors
+            if not s.dirty:
+                s.dirty = True
+                self._dirty.append(s)
+            if len(q1) > self.limits.max_queue_reliable:
+                self._to_close.append((s, Err.SLOW_CONSUMER, "reliable queue overflow"))
         self._process_closes()
 
     def _run(self, s: Session, commands: list[Any]) -> None:
