@@ -1,6 +1,6 @@
 """RPC across nodes when a provider's node dies and comes back: how long callers wait.
 
-    python tools/rpc_faults.py              # 3 runs, medians (about 1 minute)
+    python tools/rpc_faults.py              # 3 runs, medians (about 30 s)
     python tools/rpc_faults.py --runs 1 --json out.json
 
 Three ``macula node`` processes on 127.0.0.1 (:class:`macula.demo.LocalMesh`, no shards):
@@ -21,7 +21,8 @@ Three phases, B killed with SIGKILL (its process group: no goodbye on the wire) 
    idempotent: answered by C expected). Then, while A's link to B is down (B not yet
    counted gone), 4 calls ``rpcf.idem(0)`` one after the other: the slowest one's seconds.
 2. **restart**: once A counted B gone (``nodes_gone_total``), B is started again on the same
-   port and data directory (same node id), its provider registers ``rpcf.hold`` again, and A
+   port and data directory (same node id; it joins through A, or C with ``--restart-seed
+   c``), its provider registers ``rpcf.hold`` again, and A
    calls ``rpcf.hold(0)`` in a loop (each call with a 2 s timeout, the next 10 ms after one
    fails) until one succeeds: seconds from REGISTER's reply to that success.
 3. **busy**: 4 calls ``rpcf.hold(1)`` held at the restarted B, B killed again, and A starts
@@ -129,7 +130,7 @@ async def _nodes_gone(client: Client) -> int:
     return int(stats.get("mesh", {}).get("nodes_gone_total", 0))
 
 
-async def one_run(run: int) -> dict[str, Any]:
+async def one_run(run: int, restart_seed: str = "a") -> dict[str, Any]:
     clients: list[Client] = []
     mesh = LocalMesh(3, shards=0)
     mesh.start()
@@ -212,7 +213,7 @@ async def one_run(run: int) -> dict[str, Any]:
         # 2. B restarts (same node id and port) and its provider registers again
         with contextlib.suppress(Exception):
             await on_b.close(timeout=0.2)
-        b2 = _respawn(mesh, b, a.mesh)
+        b2 = _respawn(mesh, b, (a if restart_seed == "a" else c).mesh)
         on_b2 = await connect(b2, "provider-b2")
         pb2 = Provider("B2", holds=True)
         await on_b2.register("rpcf.hold", pb2.handler)
@@ -257,10 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", help="write every run's figures to this file")
+    ap.add_argument("--restart-seed", choices=("a", "c"), default="a",
+                    help="the node the restarted B joins through (default a, the caller's)")
     args = ap.parse_args(argv)
     runs = []
     for i in range(1, args.runs + 1):
-        r = asyncio.run(one_run(i))
+        r = asyncio.run(one_run(i, args.restart_seed))
         runs.append(r)
         print(json.dumps(r), flush=True)
     def slowest(key: str) -> list[float]:
