@@ -207,16 +207,20 @@ async def _fake_session(fake: FakeNode, session_id: int = 7) -> None:
     fake.send([2, hello[1], session_id, {"heartbeat_ms": 60_000, "liveness": 3}, session_id])
 
 
+async def _connected(fake: FakeNode, **options: Any) -> Client:
+    """A client of ``fake`` (realm ``r``) with session 7 open."""
+    connecting = asyncio.ensure_future(Client.connect(fake.endpoint, realm="r", **options))
+    await _fake_session(fake, 7)
+    return await connecting
+
+
 def test_not_welcomed_on_the_same_connection_means_reconnect() -> None:
     """ZeroMQ reconnected silently to a new node: the PING is answered NOT_WELCOMED."""
     async def main() -> None:
         fake = FakeNode()
         try:
             back: list[Reconnected] = []
-            connecting = asyncio.ensure_future(Client.connect(
-                fake.endpoint, realm="r", on_reconnect=back.append))
-            await _fake_session(fake, 7)
-            c = await connecting
+            c = await _connected(fake, on_reconnect=back.append)
             subscribing = asyncio.ensure_future(c.subscribe("s/#", qos=1))
             sub_cmd = (await fake.recv())[0]
             fake.send([11, sub_cmd[1], 1, 1])
@@ -278,10 +282,7 @@ def test_a_loss_during_the_restore_restores_everything_on_the_next_session() -> 
         fake = FakeNode()
         try:
             back: list[Reconnected] = []
-            connecting = asyncio.ensure_future(Client.connect(
-                fake.endpoint, realm="r", on_reconnect=back.append))
-            await _fake_session(fake, 7)
-            c = await connecting
+            c = await _connected(fake, on_reconnect=back.append)
             registering = asyncio.ensure_future(c.register("p", lambda _: 1))
             reg_cmd = (await fake.recv())[0]
             fake.send([21, reg_cmd[1], 3])
@@ -307,10 +308,7 @@ def test_unacknowledged_qos1_publish_is_resent_with_its_mid_and_calls_fail() -> 
         fake = FakeNode()
         try:
             lost: list[ConnectionLost] = []
-            connecting = asyncio.ensure_future(Client.connect(
-                fake.endpoint, realm="r", on_disconnect=lost.append))
-            await _fake_session(fake, 7)
-            c = await connecting
+            c = await _connected(fake, on_disconnect=lost.append)
             publishing = asyncio.ensure_future(c.publish("p/1", b"x", qos=1, timeout=30))
             calling = asyncio.ensure_future(c.call("slow", 1))
             cmds = await fake.recv()
@@ -337,10 +335,7 @@ def test_resend_bound_fails_the_excess_publishes_clearly() -> None:
     async def main() -> None:
         fake = FakeNode()
         try:
-            connecting = asyncio.ensure_future(Client.connect(
-                fake.endpoint, realm="r", max_resend=1))
-            await _fake_session(fake, 7)
-            c = await connecting
+            c = await _connected(fake, max_resend=1)
             first = asyncio.ensure_future(c.publish("p/1", b"a", qos=1, timeout=30))
             second = asyncio.ensure_future(c.publish("p/2", b"b", qos=1, timeout=30))
             assert len(await fake.recv()) == 2
