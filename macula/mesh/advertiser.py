@@ -81,7 +81,6 @@ class Put:
     anchor: str
     value: bytes  # the encoded Advert
     ttl: float
-    changed: bool = True  # a new version (push it to the watchers), not a republish
 
 
 class Advertiser:
@@ -172,7 +171,7 @@ class Advertiser:
             if len(rec.filters) > 1 and len(adv.filters) == 1 and rec.filters.keys() != set(
                     adv.filters):
                 self.counters["overflowing_records"] += 1
-            out.append(Put(realm, anchor, encode_advert(adv), self.record_ttl, changed))
+            out.append(Put(realm, anchor, encode_advert(adv), self.record_ttl))
             rec.put_at, rec.dirty = now, False
             if not rec.filters:  # the empty record went out once: now left to expire
                 del self._records[(realm, anchor)]

@@ -215,10 +215,6 @@ class Discovery(Generic[T]):
                 return entry.endpoint
         return None
 
-    def in_use(self, anchor: str, now: float) -> bool:
-        """Whether ``anchor``'s answer is still cached (a route used it lately)."""
-        return self._known(anchor, now)
-
     def take_lookups(self) -> list[str]:
         """Anchors the caller must look up now (each is marked in flight)."""
         out, self._to_lookup = self._to_lookup, []
@@ -258,14 +254,12 @@ class Discovery(Generic[T]):
             if node not in answer:
                 answer[node] = ad
         answer = {n: ad for n, ad in answer.items() if ad.filters}
-        # routes depend on which node has which filter: compare that, not the filter set
-        # alone (two nodes swapping filters leaves it the same); a new version of the same
-        # content changes nothing here
-        changed = a.known_at is None or {n: x.filters for n, x in answer.items()} != {
-            n: x.filters for n, x in a.answer.items()}
+        # routes depend on which node has which filter, at which version: compare that, not
+        # the filter set alone (two nodes swapping filters leaves it the same), and a new
+        # version of the same filters undoes a prune
+        changed = a.known_at is None or answer != a.answer
         a.known_at = now
-        self._set_answer(a, answer, changed or any(
-            answer[n].version != ad.version for n, ad in a.answer.items() if n in answer))
+        self._set_answer(a, answer, changed)
         return self._release(anchor, now)
 
     def apply_advert(self, anchor: str, adv: Advert, now: float) -> bool:
@@ -289,11 +283,6 @@ class Discovery(Generic[T]):
         self._set_answer(a, answer, True)
         return changed
 
-    def version_of(self, anchor: str, node_id: bytes) -> tuple[int, int] | None:
-        a = self._anchors.get(anchor)
-        ad = a.answer.get(node_id) if a is not None else None
-        return ad.version if ad is not None else None
-
     @staticmethod
     def _node_ad(anchor: str, adv: Advert, now: float) -> _NodeAd:
         kept: set[str] = set()
@@ -307,8 +296,12 @@ class Discovery(Generic[T]):
         return _NodeAd(adv.endpoint, frozenset(kept), adv.version, now)
 
     def _set_answer(self, a: _Anchor, answer: dict[bytes, _NodeAd], bump: bool) -> None:
-        """Install ``answer`` (rebuilding the anchor's tries); ``bump``: routes through
-        this anchor are recomputed (a prune made under an older version is undone)."""
+        """Install ``answer``; ``bump``: it differs from the one installed, so the tries
+        are rebuilt and the routes through this anchor recomputed (a prune made under an
+        older version is undone). Without ``bump`` the tries already hold it."""
+        if not bump:
+            a.answer = answer
+            return
         trie = TopicTrie()
         shared_trie = TopicTrie()
         for nid, ad in answer.items():
@@ -319,9 +312,8 @@ class Discovery(Generic[T]):
                 else:
                     trie.add(f, nid)
         a.trie, a.shared, a.answer = trie, shared_trie, answer
-        if bump:
-            a.generation += 1
-            self._epoch += 1
+        a.generation += 1
+        self._epoch += 1
 
     def lookup_failed(self, anchor: str, now: float) -> list[tuple[str, set[bytes], list[T]]]:
         """A lookup failed: an anchor never known counts as empty (so queued messages are

@@ -13,7 +13,7 @@ KIND_CALL = 0x23
 KIND_ERROR = 0x24  # [kind, message]: a one-way message of ``kind`` was refused
 KIND_RELAY = 0x25  # [origin, target, hops, kind, payload]: pass on to target
 KIND_RELAY_REQ = 0x26  # request [target, hops, kind, payload]: pass on, answer with its reply
-KIND_NOTIFY = 0x27  # [realm, anchor, advert]: the sender's record under anchor changed
+KIND_NOTIFY = 0x27  # [DHT key, publisher, record]: a record a watched key holds changed
 
 STATUS_NO_PROVIDER = 0x30
 STATUS_APPLICATION_ERROR = 0x31

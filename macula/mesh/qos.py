@@ -177,14 +177,6 @@ class Outbox(Generic[T]):
         self.counters["resent"] += len(out)
         return out
 
-    def drain(self) -> list[T]:
-        """Everything in flight, removed (the caller counts it as lost)."""
-        items = [e.item for e in self._inflight.values()]
-        self._inflight.clear()
-        self._order.clear()
-        self.bytes = 0
-        return items
-
     def next_deadline(self) -> float | None:
         if not self._inflight:
             return None

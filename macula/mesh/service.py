@@ -54,10 +54,10 @@ Nodes that die
 
 Wire kinds (one-way unless noted): 0x20 PUB ``[realm, incarnation, low mark, [[mid, topic,
 payload, groups]...]]``, 0x21 ACK ``[incarnation, [acknowledged mid...], [refused mid...]]``,
-0x27 NOTIFY ``[realm, anchor, record]``, 0x22 NOMATCH ``[realm, [topic...]]``, 0x23 CALL (request)
-``[realm, procedure, args, timeout_ms]`` answered with the result's msgpack bytes or a
-status 0x30-0x34, 0x24 ERROR ``[kind, message]`` (a malformed one-way message was dropped;
-both ends count it, the link stays up).
+0x27 NOTIFY ``[DHT key, publisher, record]``, 0x22 NOMATCH ``[realm, [topic...]]``, 0x23
+CALL (request) ``[realm, procedure, args, timeout_ms]`` answered with the result's msgpack
+bytes or a status 0x30-0x34, 0x24 ERROR ``[kind, message]`` (a malformed one-way message
+was dropped; both ends count it, the link stays up).
 """
 
 from __future__ import annotations
@@ -445,18 +445,12 @@ class Mesh(WireHandler):
         dead = self._dead if len(self._dead) else None
         skipped = 0
         for node in targets:
-            if dead is not None and node in dead:
+            # a node declared gone: QoS 0 is not sent into the void (counted); QoS 1 waits
+            # in its outbox until it comes back (or the outbox's bounds count it lost)
+            gone = dead is not None and node in dead
+            if gone and not qos:
+                self.drops["node_unreachable"] += 1
                 skipped += 1
-                # declared gone: QoS 0 is not sent into the void (counted); QoS 1 waits in
-                # its outbox until it comes back (or the outbox's bounds count it lost)
-                if not qos:
-                    self.drops["node_unreachable"] += 1
-                    continue
-                gl = per_node.get(node) if per_node is not None else None
-                if self._outbox(node).send((realm, body, _enc.encode(gl) if gl else _NO_GROUPS),
-                                           len(body) + 48, now) is None:
-                    self.drops["qos1_outbox_full"] += 1
-                    ok = False
                 continue
             groups_enc = _NO_GROUPS
             if per_node is not None:
@@ -469,6 +463,7 @@ class Mesh(WireHandler):
                 if mid is None:
                     self.drops["qos1_outbox_full"] += 1
                     ok = False
+                if mid is None or gone:
                     skipped += 1
                     continue
                 entry = _qos1_entry(mid, body, groups_enc)
@@ -547,16 +542,17 @@ class Mesh(WireHandler):
         except LinkError:
             return False
 
-    def _send_pub(self, node: bytes, frame: bytes, n: int) -> None:
-        """A PUB frame with ``n`` QoS 0 messages for ``node`` (counted if dropped). Over
-        the link's send buffer it waits in the node's backlog (in order) until the link
-        drains."""
+    def _send_pub(self, node: bytes, frame: bytes, chunk: list[bytes]) -> None:
+        """A PUB frame of the entries ``chunk`` for ``node``. Over the link's send buffer it
+        waits in the node's backlog (in order) until the link drains. A frame that cannot
+        go counts its QoS 0 messages as dropped (``_qos0``): its QoS 1 ones are still in
+        the outbox and go again."""
         if node in self._backlog:
-            self._to_backlog(node, frame, n)
+            self._to_backlog(node, frame, _qos0(chunk))
             return
         link, relayed = self._route(node)
         if link is None:
-            self.drops["unreachable"] += n
+            self.drops["unreachable"] += _qos0(chunk)
             return
         try:
             if link.buffered() < link.cfg.send_buffer and link.send_nowait(
@@ -564,9 +560,9 @@ class Mesh(WireHandler):
                 self.counters["frames_out_total"] += 1
                 return
         except LinkError:
-            self.drops["unreachable"] += n
+            self.drops["unreachable"] += _qos0(chunk)
             return
-        self._to_backlog(node, frame, n)
+        self._to_backlog(node, frame, _qos0(chunk))
 
     def _to_backlog(self, node: bytes, frame: bytes, n: int) -> None:
         bl = self._backlog.get(node)
@@ -646,10 +642,7 @@ class Mesh(WireHandler):
                 for i in range(0, len(entries), _MAX_ENTRIES_PER_FRAME):
                     chunk = entries[i:i + _MAX_ENTRIES_PER_FRAME]
                     frame = head + p.array_header(len(chunk)) + b"".join(chunk)
-                    # the drops of a frame count its QoS 0 messages only: the QoS 1 ones
-                    # stay in the outbox and are sent again (an entry's second byte is its
-                    # mid's first: 0 only for QoS 0)
-                    self._send_pub(node, frame, sum(1 for e in chunk if e[1] == 0))
+                    self._send_pub(node, frame, chunk)
         acks, self._acks = self._acks, {}
         for (node, node_inc), (mids, refused) in acks.items():
             if self._send_to(node, KIND_ACK, _enc.encode((node_inc, mids, refused))):
@@ -770,6 +763,7 @@ class Mesh(WireHandler):
             if not len(ob):
                 if node in self._dead:
                     del self._outboxes[node]
+                    self._probed.pop(node, None)
                 continue
             if self._reachable(node):
                 resend, expired = ob.due(now)
@@ -807,15 +801,7 @@ class Mesh(WireHandler):
         if link is None or link.is_open:
             return
         self._checking.add(node)
-        self._spawn(self._dial_probe(node, link))
-
-    async def _dial_probe(self, node: bytes, link: PeerLink) -> None:
-        try:
-            await link.connected()
-        except (LinkError, OSError, asyncio.TimeoutError):
-            pass  # still away: the next probe tries again
-        finally:
-            self._checking.discard(node)
+        self._spawn(self._check(link, gone_if_it_fails=False))
 
     def _queue_resend(self, node: bytes, resend: list[tuple[int, tuple[str, bytes, bytes]]]
                       ) -> None:
@@ -1128,12 +1114,14 @@ class Mesh(WireHandler):
             self._checking.add(node)
             self._spawn(self._check(link))
 
-    async def _check(self, link: PeerLink) -> None:
-        """The link broke: re-dial; if that fails, the node is gone (for now)."""
+    async def _check(self, link: PeerLink, gone_if_it_fails: bool = True) -> None:
+        """The link broke (or its node is away): re-dial; if that fails, the node is gone
+        (for now) — once: a probe of a node already gone just tries again later."""
         try:
             await link.connected()
         except (LinkError, OSError, asyncio.TimeoutError):
-            self._node_gone(link.peer_id, "re-dial failed")
+            if gone_if_it_fails:
+                self._node_gone(link.peer_id, "re-dial failed")
         finally:
             self._checking.discard(link.peer_id)
 
@@ -1211,6 +1199,12 @@ class Mesh(WireHandler):
         out["route_hit_ratio"] = round(out["route_hits_total"] / total, 4) if total else 0.0
         out.update(self.rpc.stats())
         return out
+
+
+def _qos0(entries: list[bytes]) -> int:
+    """How many of these PUB entries are QoS 0 (an entry's second byte is its mid's first:
+    0 only for QoS 0). Counted only when a frame is dropped or waits, not on every send."""
+    return sum(1 for e in entries if e[1] == 0)
 
 
 def _qos1_entry(mid: int, body: bytes, groups_enc: bytes) -> bytes:
