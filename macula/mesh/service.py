@@ -269,7 +269,8 @@ class Mesh(WireHandler):
                   "dht_put_failures_total", "peers_lost_total", "peers_back_total",
                   "notify_sent_total", "notify_received_total", "qos1_refused_by_peer_total",
                   "peers_restarted_total", "qos1_refused_starting_total",
-                  "notify_unwatched_total"):
+                  "notify_unwatched_total", "incarnations_forgotten_total",
+                  "watched_keys_forgotten_total"):
             self.counters[k] = 0
         self.drops: Counter[str] = Counter()
 
@@ -682,7 +683,8 @@ class Mesh(WireHandler):
         self._watched[key] = (realm, anchor)
         self._watched.move_to_end(key)
         while len(self._watched) > 4 * self.config.max_anchors:
-            self._watched.popitem(last=False)
+            self._watched.popitem(last=False)  # its NOTIFYs are then ignored (counted)
+            self.counters["watched_keys_forgotten_total"] += 1
         try:
             values = await self.dht.get(key, watch=True)
         except (LinkError, OSError, asyncio.TimeoutError, RuntimeError):
@@ -1073,6 +1075,7 @@ class Mesh(WireHandler):
             self._incs[node] = inc
             if len(self._incs) > 100_000:
                 self._incs.popitem(last=False)
+                self.counters["incarnations_forgotten_total"] += 1
             if old is not None:
                 self.counters["peers_restarted_total"] += 1
                 self._log(node, "restarted", "peer %s restarted (a new incarnation)")
