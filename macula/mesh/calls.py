@@ -229,15 +229,16 @@ class Calls:
         may be dead) moved to the end, in their order: a call waits for a re-dial only
         when no other provider is left."""
         pool = self.mesh.endpoint.pool
-        down = []
+        up: list[rpc.ProviderRecord] = []
+        down: list[rpc.ProviderRecord] = []
         for rec in order:
             link = pool.peek(rec.node_id)
-            if link is not None and link.connected_once and not link.is_open:
-                down.append(rec)
-        if not down or len(down) == len(order):
+            (down if link is not None and link.connected_once and not link.is_open
+             else up).append(rec)
+        if not (up and down):
             return order
         self.counters["providers_down_last_total"] += len(down)
-        return [r for r in order if r not in down] + down
+        return up + down
 
     async def _attempt(self, realm: str, procedure: str, rec: rpc.ProviderRecord,
                        payload: bytes, deadline: float) -> bytes:

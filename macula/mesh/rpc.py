@@ -193,6 +193,15 @@ class _Providers:
     ttl: float
 
 
+_MAX_STAMPS = 256  # stamps remembered per quarantined node (ProviderCache.forget_node)
+
+
+def _new_stamp(stamps: frozenset[int], r: ProviderRecord) -> bool:
+    """``r`` carries a stamp other than those ``stamps`` lists (none listed: no record of
+    the node counts as new)."""
+    return bool(stamps) and r.stamp != 0 and r.stamp not in stamps
+
+
 class ProviderCache:
     """(realm, procedure) -> the remote providers the DHT gave, for ``ttl`` seconds.
 
@@ -227,7 +236,7 @@ class ProviderCache:
         self.counters: dict[str, int] = {
             "hits": 0, "misses": 0, "expired": 0, "puts": 0, "negative_puts": 0,
             "evicted": 0, "duplicates": 0, "truncated": 0, "quarantined_dropped": 0,
-            "forgotten": 0, "invalidated": 0, "readmitted": 0, "dropped": 0,
+            "forgotten": 0, "invalidated": 0, "readmitted": 0, "dropped": 0, "stamps_dropped": 0,
         }
 
     def __len__(self) -> int:
@@ -309,6 +318,11 @@ class ProviderCache:
                 stamps |= old
             elif old is not None:  # every record of the node was ignored: so it stays
                 stamps = set()
+            if len(stamps) > _MAX_STAMPS:
+                # a node that keeps flapping: bounded, counted; a stale record whose stamp
+                # was dropped counts again (one failed attempt, then failover), never worse
+                self.counters["stamps_dropped"] += len(stamps) - _MAX_STAMPS
+                stamps = set(sorted(stamps)[:_MAX_STAMPS])
             q.put(node_id, frozenset(stamps), ttl, now=now)
         for key in keys:
             e = self._entries[key]
@@ -323,14 +337,16 @@ class ProviderCache:
     def _counts(self, r: ProviderRecord, now: float) -> bool:
         assert self._quarantined is not None
         stamps: frozenset[int] | None = self._quarantined.get(r.node_id, None, now=now)
-        return stamps is None or (bool(stamps) and r.stamp != 0 and r.stamp not in stamps)
+        return stamps is None or _new_stamp(stamps, r)
 
     def is_new(self, r: ProviderRecord, now: float) -> bool:
         """``r`` is a registration its node made after it was forgotten (a stamp other than
         those listed for it then): the node restarted, whatever other tables still say."""
-        return (self._quarantined is not None
-                and self._quarantined.get(r.node_id, None, now=now) is not None
-                and self._counts(r, now))
+        q = self._quarantined
+        if q is None:
+            return False
+        stamps: frozenset[int] | None = q.get(r.node_id, None, now=now)
+        return stamps is not None and _new_stamp(stamps, r)
 
     def readmit(self, node_id: bytes, now: float) -> bool:
         """``node_id`` is reachable again (a new link to it came up): lift its quarantine,
@@ -348,12 +364,14 @@ class ProviderCache:
         ``negative_ttl``, not one per call). True if the list held it."""
         key = (realm, procedure)
         e = self._entries.get(key)
-        if e is None or all(r.node_id != node_id for r in e.records):
+        if e is None:
+            return False
+        rest = tuple(r for r in e.records if r.node_id != node_id)
+        if len(rest) == len(e.records):
             return False
         self.counters["dropped"] += 1
-        rest = [r for r in e.records if r.node_id != node_id]
         if rest:
-            e.records = tuple(rest)
+            e.records = rest
             keys = self._index.get(node_id)
             if keys is not None:
                 keys.discard(key)
