@@ -239,25 +239,21 @@ def make_registry(stats: Callable[[], dict[str, Any]]) -> CollectorRegistry:
 
 class LoopMonitor:
     """How late the node's event loop runs a timer: a callback every ``interval`` seconds
-    records its lateness. ``lag()`` is the largest lateness of the last 10 to 20 s, ``beat``
-    the loop time of the last run (the metrics thread reads both without the loop)."""
+    records its lateness. ``lag()`` is the largest lateness of the last 10 to 20 s."""
 
     def __init__(self, interval: float = 0.1, window: float = 10.0) -> None:
         self.interval = interval
         self.window = window
-        self.beat = 0.0
         self._due = 0.0
         self._cur = 0.0  # largest lag of this window
         self._prev = 0.0  # of the previous window
         self._window_end = 0.0
-        self.lag_max = 0.0  # since start
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
-        self.beat = now
         self._window_end = now + self.window
         self._due = now + self.interval
         self._handle = loop.call_at(self._due, self._tick)
@@ -272,12 +268,10 @@ class LoopMonitor:
         assert loop is not None
         now = loop.time()
         late = max(0.0, now - self._due)
-        self.beat = now
         if now >= self._window_end:
             self._prev, self._cur = self._cur, 0.0
             self._window_end = now + self.window
         self._cur = max(self._cur, late)
-        self.lag_max = max(self.lag_max, late)
         self._due = now + self.interval
         self._handle = loop.call_at(self._due, self._tick)
 
@@ -305,8 +299,9 @@ class MetricsServer:
         self.port = port
         self.ready = ready
         self.fresh_timeout = fresh_timeout
-        self.stale_total = 0  # answers served from old figures
-        self._server: asyncio.Server | None = None
+        # the collection asked of the node's loop and not run yet: at most one at a time,
+        # however many scrapes come while the loop is busy (HTTP thread only)
+        self._pending: concurrent.futures.Future[None] | None = None
         self._node_loop: asyncio.AbstractEventLoop | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -332,7 +327,6 @@ class MetricsServer:
             started.set_exception(exc)
             loop.close()
             return
-        self._server = server
         started.set_result(server.sockets[0].getsockname()[1])
         try:
             loop.run_forever()
@@ -347,7 +341,6 @@ class MetricsServer:
             loop.call_soon_threadsafe(loop.stop)
             await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
         self._thread = None
-        self._server = None
 
     def _refresh(self) -> None:
         """On the node's loop: collect the figures now."""
@@ -359,26 +352,26 @@ class MetricsServer:
     async def _metrics(self) -> bytes | None:
         """On the HTTP thread: fresh figures, or the last ones when the node is too busy."""
         node = self._node_loop
-        done = threading.Event()
-
-        def collect() -> None:
-            try:
-                self._refresh()
-            finally:
-                done.set()
-
         if node is not None and not node.is_closed():
-            with contextlib.suppress(RuntimeError):  # the node's loop closed meanwhile
-                node.call_soon_threadsafe(collect)
-                await asyncio.get_running_loop().run_in_executor(
-                    None, done.wait, self.fresh_timeout)
+            fut = self._pending
+            if fut is None or fut.done():
+                fut = self._pending = concurrent.futures.Future()
+
+                def collect(done: concurrent.futures.Future[None] = fut) -> None:
+                    try:
+                        self._refresh()
+                    finally:
+                        done.set_result(None)
+
+                with contextlib.suppress(RuntimeError):  # the node's loop closed meanwhile
+                    node.call_soon_threadsafe(collect)
+            # waits without cancelling: a later scrape may still use that collection
+            await asyncio.wait({asyncio.wrap_future(fut)}, timeout=self.fresh_timeout)
         with self._lock:
             body, at = self._last, self._last_at
         if body is None:
             return None
         age = time.monotonic() - at
-        if not done.is_set():
-            self.stale_total += 1
         return body + (
             "# HELP macula_metrics_age_seconds Age of these figures (the node's loop was busy)\n"
             "# TYPE macula_metrics_age_seconds gauge\n"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -36,7 +35,6 @@ from macula.mesh.service import Mesh, MeshConfig
 from macula.metrics import LoopMonitor, MetricsServer, make_registry
 from macula.shards.pool import ShardPool
 from macula.wire import NodeIdentity
-from macula.wire.identity import KEY_FILE_NAME
 
 SHARD_BACKLOG = 2  # batches a shard may have unanswered before the node stops reading clients
 SHARD_STALL = 2.0  # but a shard silent this long (seconds) is hung: read on
@@ -118,9 +116,9 @@ class Node:
         data_dir = config.data_dir
         if not data_dir:
             data_dir = self._tmp_dir = tempfile.mkdtemp(prefix="macula-node-")
-        # a node whose identity existed already is a restart: its clients may come back
-        restarted = os.path.exists(os.path.join(data_dir, KEY_FILE_NAME))
         identity = NodeIdentity.load_or_create(data_dir)
+        # a node whose identity existed already is a restart: its clients may come back
+        restarted = not identity.created
         mc = MeshConfig(
             host=config.mesh_host,
             port=max(config.mesh_port, 0),

@@ -1306,13 +1306,11 @@ class Broker:
             count += k
         return p.array_header(count) + b"".join(items)
 
-    def sent(self, s: Session) -> None:
-        """The driver sent a body to ``s``. A session stays *blocked* (``stalled_since``)
-        until its queues are empty (``next_body`` found nothing): a consumer that reads
-        but never catches up is as slow as one that does not read at all."""
-
     def stalled(self, s: Session, body: bytes, now: float) -> None:
-        """The socket refused ``body`` (peer at its high-water mark): keep it for later."""
+        """The socket refused ``body`` (peer at its high-water mark): keep it for later. A
+        session stays *blocked* (``stalled_since``) until its queues are empty
+        (``next_body`` found nothing): a consumer that reads but never catches up is as
+        slow as one that does not read at all."""
         s.stalled_body = body
         self._stalled.append(s)
         if s.stalled_since is None:

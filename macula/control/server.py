@@ -124,7 +124,6 @@ class ControlServer:
         self.burst = burst
         self.burst_commands = burst_commands
         self.read_slice = read_slice  # seconds of input work per wake-up, at most
-        self.ingress_share = ingress_share
         self._share = ingress_share * tick_interval  # seconds per window per session
         self.park_max = park_max
         self._used: dict[bytes, float] = {}  # this window: identity -> seconds of input work
@@ -371,8 +370,7 @@ class ControlServer:
             self.shards.check(now)
         self.broker.tick(now)
         self._flush(now)
-        if self._gated:
-            self.resume()
+        self.resume()
         self._recheck(force=bool(self._parked))
         self._timer = loop.call_later(self.tick_interval, self._on_tick)
 
@@ -422,8 +420,7 @@ class ControlServer:
         """Send what the broker has queued (the shard pool calls this after a reply)."""
         if self.running:
             self._flush(now)
-            if self._gated:
-                self.resume()
+            self.resume()
 
     def _flush(self, now: float) -> None:
         sock = self._sock
@@ -456,8 +453,6 @@ class ControlServer:
                     break
                 send(SIGNATURE, zmq.SNDMORE)
                 send(body)
-                if s.stalled_since is not None:
-                    broker.sent(s)
 
 
 def _wildcard_port(endpoint: str) -> str:

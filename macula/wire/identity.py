@@ -248,6 +248,7 @@ class NodeIdentity:
     public_key: bytes  # raw 32
     node_id: bytes  # 32
     certificate: x509.Certificate
+    created: bool = False  # load_or_create made the key file just now (a first start)
 
     def __post_init__(self) -> None:
         if not isinstance(self.private_key, Ed25519PrivateKey):
@@ -260,13 +261,15 @@ class NodeIdentity:
             raise IdentityError("certificate key is not the node key")
 
     @classmethod
-    def _from_private_key(cls, private_key: Ed25519PrivateKey) -> NodeIdentity:
+    def _from_private_key(cls, private_key: Ed25519PrivateKey,
+                          created: bool = False) -> NodeIdentity:
         public_key = _raw_public(private_key.public_key())
         return cls(
             private_key=private_key,
             public_key=public_key,
             node_id=node_id_of(public_key),
             certificate=make_certificate(private_key),
+            created=created,
         )
 
     @classmethod
@@ -288,9 +291,10 @@ class NodeIdentity:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise IdentityError(f"cannot create data directory {directory}: {exc}") from None
-        if not os.path.lexists(path):
+        created = not os.path.lexists(path)
+        if created:
             _create_key_file(path)
-        return cls._from_private_key(_load_key_file(path))
+        return cls._from_private_key(_load_key_file(path), created)
 
     def sign(self, data: bytes) -> bytes:
         """Ed25519 signature (64 bytes) of ``data``. Signed data must start with a domain
