@@ -412,9 +412,7 @@ class Client:
         while not mon.closed:
             try:
                 event = zmq_monitor.recv_monitor_message(mon, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
+            except zmq.ZMQError:  # zmq.Again included: nothing more now
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self._disconnected()
@@ -479,10 +477,9 @@ class Client:
         self._out.append(command)
         self._flush()
         try:
-            return cast(p.Welcome, await asyncio.wait_for(asyncio.shield(fut), timeout))
+            return cast(p.Welcome, await asyncio.wait_for(fut, timeout))
         finally:
             self._pending.pop(rid, None)
-            fut.cancel()
 
     def _opened(self, welcome: p.Welcome) -> None:
         self.session_id = welcome.session_id

@@ -49,7 +49,6 @@ struct mcl_client {
     unsigned want_heartbeat_ms;
     uint64_t next_id;
     uint64_t session_id;
-    uint64_t incarnation;
     unsigned heartbeat_ms;
     unsigned liveness;
     int64_t last_send_ms;
@@ -316,7 +315,6 @@ static void dispatch(mcl_client *c, const msgpack_object *cmd) {
             if (kv->key.via.str.size == 8 && memcmp(kv->key.via.str.ptr, "liveness", 8) == 0)
                 c->liveness = (unsigned)u64(&kv->val);
         }
-        c->incarnation = n > 4 ? u64(&f[4]) : 0;
     }
     if (code == RESULT && c->got_result) {
         msgpack_packer rp;
