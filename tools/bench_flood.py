@@ -43,6 +43,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.queues import Queue as MpQueue
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
@@ -52,58 +53,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import contextlib
 
-import msgspec
 import zmq
 
 from macula.demo import LocalMesh
+from tools.mcp_raw import SIG, dec, enc, open_session
+from tools.mcp_raw import close_session as _close
+from tools.mcp_raw import request as _request
 
-SIG = b"MCP\x01"
-enc = msgspec.msgpack.Encoder()
-dec = msgspec.msgpack.Decoder()
+_open = partial(open_session, heartbeat_ms=5000, rcvhwm=1000)
 STAMP = struct.Struct("<q")
 PAD = b"x" * 55  # 1 tag byte + 8 time bytes + 55 = 64-byte payloads
 CTX = mp.get_context("spawn")
 LAT_TOPIC = "bench/lat/data"
 FLOOD_TOPIC = "flood/data"
-
-
-# -- raw MCP/1 -------------------------------------------------------------------------------
-def _open(endpoint: str, name: str, heartbeat_ms: int = 5000,
-          sndhwm: int = 1000) -> tuple[zmq.Context[Any], zmq.Socket[bytes]]:
-    ctx: zmq.Context[Any] = zmq.Context()
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 1000)
-    sock.setsockopt(zmq.SNDHWM, sndhwm)
-    sock.connect(endpoint)
-    sock.send_multipart([SIG, enc.encode([[1, 1, "default", name, "", heartbeat_ms]])])
-    if not sock.poll(10_000):
-        raise RuntimeError(f"{name}: no WELCOME from {endpoint} in 10 s")
-    reply = dec.decode(sock.recv_multipart()[1])
-    if reply[0][0] != 2:
-        raise RuntimeError(f"{name}: no WELCOME from {endpoint}: {reply}")
-    return ctx, sock
-
-
-def _request(sock: zmq.Socket[bytes], command: list[Any], want: int) -> list[Any]:
-    sock.send_multipart([SIG, enc.encode([command])])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not sock.poll(1000):
-            continue
-        for c in dec.decode(sock.recv_multipart()[1]):
-            if c[0] == want:
-                return list(c)
-            if c[0] == 3:
-                raise RuntimeError(f"node error for {command[:3]}: {c}")
-    raise TimeoutError(f"no reply {want} to {command[:3]}")
-
-
-def _close(ctx: zmq.Context[Any], sock: zmq.Socket[bytes]) -> None:
-    with contextlib.suppress(zmq.ZMQError):
-        sock.send_multipart([SIG, enc.encode([[6, 40, "bye"]])], zmq.NOBLOCK)
-    sock.close(0)
-    ctx.term()
 
 
 def _now_ns() -> int:

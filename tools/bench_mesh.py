@@ -67,16 +67,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgspec
 import zmq
 
 from macula.config import NodeConfig
 from macula.demo import LocalMesh
 from macula.mesh.discovery import topic_anchors
+from tools.mcp_raw import SIG, dec, enc, open_session
+from tools.mcp_raw import close_session as _close
+from tools.mcp_raw import request as _request
 
-SIG = b"MCP\x01"
-enc = msgspec.msgpack.Encoder()
-dec = msgspec.msgpack.Decoder()
+_open = open_session
 PAD = b"x" * 55  # 1 tag byte + 8 time bytes + 55 = 64-byte payloads
 STAMP = struct.Struct("<q")
 CTX = mp.get_context("spawn")  # no inherited zmq contexts or event loops
@@ -98,40 +98,6 @@ SETTINGS = (
     Settings("defaults", {}),
     Settings("plan", {"MACULA_MESH_CACHE_TTL": "60", "MACULA_MESH_MIN_INTERVAL": "5"}),
 )
-
-
-# -- raw MCP/1 -----------------------------------------------------------------------------
-def _open(endpoint: str, name: str) -> tuple[zmq.Context[Any], zmq.Socket[bytes]]:
-    ctx: zmq.Context[Any] = zmq.Context()
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.setsockopt(zmq.SNDHWM, 1000)
-    sock.connect(endpoint)
-    sock.send_multipart([SIG, enc.encode([[1, 1, "default", name, "", 60_000]])])
-    reply = dec.decode(sock.recv_multipart()[1])
-    if reply[0][0] != 2:
-        raise RuntimeError(f"{name}: no WELCOME from {endpoint}: {reply}")
-    return ctx, sock
-
-
-def _request(sock: zmq.Socket[bytes], command: list[Any], want: int) -> list[Any]:
-    """Send one command, return the first reply with code ``want`` (others are skipped)."""
-    sock.send_multipart([SIG, enc.encode([command])])
-    while True:
-        if not sock.poll(10_000):
-            raise TimeoutError(f"no reply {want} to {command[:3]}")
-        for c in dec.decode(sock.recv_multipart()[1]):
-            if c[0] == want:
-                return list(c)
-            if c[0] == 3:
-                raise RuntimeError(f"node error for {command[:3]}: {c}")
-
-
-def _close(ctx: zmq.Context[Any], sock: zmq.Socket[bytes]) -> None:
-    sock.send_multipart([SIG, enc.encode([[6, 40, "bye"]])])
-    sock.close(0)
-    ctx.term()
 
 
 def _stats(endpoint: str) -> dict[str, Any]:
